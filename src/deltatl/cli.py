@@ -1,0 +1,178 @@
+"""Command line: ``deltatl train | eval | predict | demo`` (also ``python -m deltatl``).
+
+Errors in the user's input print one line (``deltatl: error: ...``) and exit with status 2; an
+interrupted training run exits with status 130 after writing a checkpoint that ``--resume`` continues.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from typing import Any, Sequence
+
+from .config import TrainConfig, load_yaml, make_config
+from .errors import DeltatlError
+
+DEMO_METHODS = ("l2-fe", "l2")
+
+
+def _train_options(parser: argparse.ArgumentParser) -> None:
+    """Training flags; every default is SUPPRESS so only flags actually given override the YAML file."""
+    d = TrainConfig()
+    add = lambda *a, **k: parser.add_argument(*a, default=argparse.SUPPRESS, **k)  # noqa: E731
+    g = parser.add_argument_group("data")
+    add("--data", help=f"dataset name (fashion-mnist) or image folder root/{{train,test[,val]}}/<class>/* "
+                       f"(default {d.data})")
+    add("--data-root", help="folder holding a named dataset's files (default: where the system put them)")
+    add("--train-per-class", type=int, help="training images drawn per class with --seed; 0 = all "
+                                            "(default: 30 for fashion-mnist, else all)")
+    add("--val-per-class", type=int, help="validation images held out of the training data per class "
+                                          f"(default: --val-fraction of the training images)")
+    add("--val-fraction", type=float, help=f"validation share when --val-per-class is not set (default {d.val_fraction})")
+    add("--image-size", type=int, help=f"crop size in pixels (default {d.image_size}; the papers used 224)")
+    add("--resize", type=int, help="square resize before cropping (default image-size * 256/224)")
+    add("--no-check-images", dest="check_images", action="store_false",
+        help="do not decode every image file up front (unreadable files then stop the run)")
+    g = parser.add_argument_group("model")
+    add("--model", help=f"timm model name or torchvision/<name> (default {d.model}, embedded ImageNet weights)")
+    add("--pretrained", choices=("auto", "embedded", "hub", "none"),
+        help="source weights: auto = embedded if available else the hub (default auto)")
+    add("--checkpoint", help="local file with the source network's weights (timm or torchvision state dict)")
+    add("--head-init", choices=("default", "zero"), help="new head initialisation (default: nn.Linear's)")
+    g = parser.add_argument_group("method and optimisation")
+    add("--method", help=f"l2 or l2-fe (default {d.method})")
+    add("--epochs", type=int, help=f"training epochs (default {TrainConfig.DEFAULT_EPOCHS})")
+    add("--iters", type=int, help="training iterations instead of epochs")
+    add("--batch-size", type=int, help=f"default {d.batch_size}")
+    add("--lr", type=float, help=f"SGD learning rate (default {d.lr})")
+    add("--momentum", type=float, help=f"default {d.momentum}")
+    add("--weight-decay", type=float, help="default: the method's (1e-4 for l2 and l2-fe)")
+    add("--schedule", choices=("step", "exp", "cosine", "constant"),
+        help="lr schedule: step = /10 after 2/3 of training (default), exp, cosine, constant")
+    add("--seed", type=int, help=f"default {d.seed}")
+    g = parser.add_argument_group("execution")
+    add("--device", help="cpu, cuda, cuda:N, mps or auto (default auto)")
+    add("--workers", type=int, help="data-loading processes (default 0)")
+    add("--eval-every", type=int, help="validate every N epochs (default 1)")
+    add("--out", help="run directory (default runs/<method>_<data>_<model>_seed<seed>)")
+    del g
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deltatl", description="Regularized transfer learning of "
+                                     "pretrained CNNs (DELTA, L2-SP, L2-FE, RIFLE).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="fine-tune a pretrained network on a dataset")
+    p.add_argument("--config", help="YAML file of settings (flags given here override it)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _train_options(p)
+
+    p = sub.add_parser("eval", help="evaluate a run's checkpoint on a split of its dataset")
+    p.add_argument("checkpoint", help="a run directory or its checkpoint.pt")
+    p.add_argument("--split", choices=("train", "val", "test"), default="test")
+    p.add_argument("--data-root", help="where the dataset's files are now (default: as in the run)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("predict", help="top-k classes of image files")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--checkpoint", help="a run directory or checkpoint.pt (default: the embedded ImageNet model)")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("demo", help="the main job: several methods on the embedded default, one table")
+    p.add_argument("--methods", nargs="+", default=list(DEMO_METHODS))
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--resume", action="store_true", help="continue interrupted demo runs")
+    _train_options(p)
+    return parser
+
+
+def _config_from(args: argparse.Namespace, skip: Sequence[str]) -> TrainConfig:
+    file_values = load_yaml(args.config) if getattr(args, "config", None) else {}
+    cli = {k: v for k, v in vars(args).items() if k not in skip}
+    return make_config(file_values, cli)
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A small fixed-width result table."""
+    cols = [("method", "method", "{}"), ("val top-1 %", "val_top1", "{:.2f}"),
+            ("test top-1 %", "test_top1", "{:.2f}"), ("epochs", "epochs", "{}"), ("seconds", "seconds", "{:.0f}")]
+    cells = [[h for h, _, _ in cols]] + [
+        ["-" if r.get(k) is None else f.format(r[k]) for _, k, f in cols] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .run import train_run
+
+    config = _config_from(args, ("command", "config", "resume", "quiet"))
+    summary = train_run(config, resume=args.resume, progress=not args.quiet)
+    print(format_table([summary]))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .run import default_out, train_run
+
+    base = _config_from(args, ("command", "methods", "quiet", "resume"))
+    rows = []
+    for method in args.methods:
+        config = make_config({}, {**base.__dict__, "method": method,
+                                  "out": os.path.join(base.out or "runs/demo", method)})
+        print(f"== {method} -> {config.out or default_out(config)}", file=sys.stderr)
+        rows.append(train_run(config, resume=args.resume, progress=not args.quiet))
+    print(format_table(rows))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .predict import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.checkpoint, split=args.split, data_root=args.data_root,
+                                 device=args.device, progress=not args.quiet)
+    print(f"{args.split}: top-1 {result['top1']:.2f}%  loss {result['loss']:.4f}  ({result['n']} images)")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .predict import predict_files
+
+    for path, top in predict_files(args.images, checkpoint=args.checkpoint, top_k=args.top_k,
+                                   device=args.device):
+        print(path)
+        for name, prob in top:
+            print(f"  {prob * 100:6.2f}%  {name}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "demo": cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"deltatl: warning: {msg}\n"
+    from .engine.fit import Interrupted
+
+    try:
+        return COMMANDS[args.command](args)
+    except DeltatlError as exc:
+        print(f"deltatl: error: {exc}", file=sys.stderr)
+        return 2
+    except Interrupted as exc:
+        print(f"deltatl: {exc}; continue with the same command plus --resume", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("deltatl: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""The resolved configuration of a training run, read from YAML files and command-line flags.
+
+Precedence: built-in defaults < ``--config file.yaml`` < explicit command-line flags. Library
+functions never see this object: :mod:`deltatl.run` converts it into explicit arguments.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, fields
+from typing import Any
+
+import yaml
+
+from .errors import DeltatlError
+from .models import EMBEDDED_MODEL
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a run's result. Field names are the CLI flags with ``_`` for ``-``."""
+
+    # data
+    data: str = "fashion-mnist"
+    data_root: str | None = None
+    train_per_class: int | None = None  # None: the dataset's default (30 for fashion-mnist, else all); 0: all
+    val_per_class: int | None = None
+    val_fraction: float = 0.2
+    image_size: int = 96
+    resize: int | None = None
+    check_images: bool = True
+    # model
+    model: str = EMBEDDED_MODEL
+    pretrained: str = "auto"
+    checkpoint: str | None = None
+    head_init: str = "default"
+    # method
+    method: str = "l2"
+    # optimisation
+    epochs: int | None = None
+    iters: int | None = None
+    batch_size: int = 32
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float | None = None  # None: the method's default
+    schedule: str = "step"
+    seed: int = 0
+    # execution (does not change the result, apart from floating-point noise across devices)
+    device: str = "auto"
+    workers: int = 0
+    eval_every: int = 1
+    out: str | None = None
+
+    DEFAULT_EPOCHS = 10
+
+    def __post_init__(self) -> None:
+        for name, low in (("image_size", 8), ("batch_size", 1), ("eval_every", 1), ("workers", 0)):
+            if getattr(self, name) < low:
+                raise DeltatlError(f"--{name.replace('_', '-')} must be at least {low}")
+        if self.epochs is not None and self.iters is not None:
+            raise DeltatlError("give --epochs or --iters, not both")
+        for name in ("epochs", "iters"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise DeltatlError(f"--{name} must be at least 1")
+        if self.lr <= 0:
+            raise DeltatlError("--lr must be positive")
+        if not 0 <= self.val_fraction < 1:
+            raise DeltatlError("--val-fraction must be in [0, 1)")
+        if self.train_per_class is not None and self.train_per_class < 0:
+            raise DeltatlError("--train-per-class must be positive (0 = all images)")
+
+    def result_fields(self) -> dict[str, Any]:
+        """The fields that define what a run computes (compared when a run directory is reused)."""
+        skip = {"device", "workers", "out"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+
+
+_TYPES = {f.name: str(f.type) for f in fields(TrainConfig)}
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    """Read a YAML mapping of config keys (``-`` or ``_`` both accepted); unknown keys are an error."""
+    if not os.path.isfile(path):
+        raise DeltatlError(f"config file not found: {path}")
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except yaml.YAMLError as exc:
+        raise DeltatlError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise DeltatlError(f"{path} must hold a mapping of settings")
+    values = {str(k).replace("-", "_"): v for k, v in raw.items()}
+    unknown = sorted(set(values) - set(_TYPES))
+    if unknown:
+        raise DeltatlError(f"{path}: unknown setting(s) {', '.join(unknown)}")
+    return values
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Check a value against the field's annotation (``int``, ``float | None``...)."""
+    kinds = [k.strip() for k in _TYPES[key].split("|")]
+    if value is None and "None" in kinds:
+        return None
+    if "bool" in kinds and isinstance(value, bool):
+        return value
+    if "int" in kinds and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if "float" in kinds and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if "str" in kinds and isinstance(value, str):
+        return value
+    raise DeltatlError(f"setting {key.replace('_', '-')} must be {' or '.join(kinds)}, got {value!r}")
+
+
+def make_config(file_values: dict[str, Any], cli_values: dict[str, Any]) -> TrainConfig:
+    """Defaults, then the file, then the flags given on the command line."""
+    values = {k: _coerce(k, v) for k, v in {**file_values, **cli_values}.items()}
+    return TrainConfig(**values)
+
+
+def dump_yaml(config: TrainConfig, path: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(config.result_fields(), f, sort_keys=False)
+    os.replace(tmp, path)
+
+
+def read_run_config(path: str) -> dict[str, Any]:
+    with open(path) as f:
+        return yaml.safe_load(f) or {}

@@ -1,0 +1,104 @@
+"""Datasets: named datasets and image folders, few-shot sampling, held-out validation, transforms."""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+from ..errors import DeltatlError
+from . import fashion_mnist
+from .folder import is_image_folder, scan_split
+from .images import ArrayImages, FileImages, ImageCollection, TransformedImages, check_readable
+from .splits import read_list, sample_per_class, validation_count, write_list
+
+# name -> loader(data_root) returning {"train": ..., "test": ..., optional "val": ...}
+DATASETS: dict[str, Callable[[str | None], dict[str, ImageCollection]]] = {
+    "fashion-mnist": fashion_mnist.load,
+}
+
+
+@dataclass
+class DataSplits:
+    """The three disjoint splits of a run. ``val`` comes out of the training data, never the test set."""
+
+    train: ImageCollection
+    val: ImageCollection
+    test: ImageCollection
+
+    @property
+    def classes(self) -> list[str]:
+        return self.train.classes
+
+    def write_lists(self, folder: str) -> None:
+        """Record the exact images of each split as ``<split>.txt`` list files."""
+        os.makedirs(folder, exist_ok=True)
+        for name in ("train", "val", "test"):
+            split = getattr(self, name)
+            write_list(os.path.join(folder, f"{name}.txt"), split.ids, split.targets)
+
+    def check_lists(self, folder: str) -> None:
+        """Fail if ``folder``'s list files (from an earlier session of this run) name other images."""
+        for name in ("train", "val", "test"):
+            path = os.path.join(folder, f"{name}.txt")
+            if os.path.isfile(path) and read_list(path)[0] != getattr(self, name).ids:
+                raise DeltatlError(f"the {name} images differ from those recorded in {path}; "
+                                   f"the data changed since this run started")
+
+
+def _open(data: str, data_root: str | None, check_images: bool) -> dict[str, ImageCollection]:
+    if data in DATASETS:
+        return DATASETS[data](data_root)
+    if not os.path.isdir(data):
+        names = ", ".join(sorted(DATASETS))
+        raise DeltatlError(f"--data '{data}' is neither a dataset name ({names}) nor an existing folder")
+    if not is_image_folder(data):
+        raise DeltatlError(f"{data} has no train/ folder (expected {data}/{{train,test}}/<class>/<images>)")
+    splits: dict[str, ImageCollection] = {"train": scan_split(data, "train")}
+    classes = splits["train"].classes
+    for name in ("val", "test"):
+        if name == "test" or os.path.isdir(os.path.join(data, name)):
+            splits[name] = scan_split(data, name, classes)
+    if check_images:
+        for name, split in splits.items():
+            splits[name], bad = check_readable(split)
+            if bad:
+                warnings.warn(f"skipped {len(bad)} unreadable image file(s) in {data}/{name} "
+                              f"(first: {bad[0]})", stacklevel=2)
+    return splits
+
+
+def load_splits(data: str, data_root: str | None = None, *, train_per_class: int | None = None,
+                val_per_class: int | None = None, val_fraction: float = 0.2, seed: int = 0,
+                check_images: bool = True) -> DataSplits:
+    """Open a dataset and carve its training data into train and validation, stratified and seeded.
+
+    Args:
+        data: a dataset name (see ``DATASETS``) or an image-folder path.
+        train_per_class: draw exactly this many training images per class (the papers' "-30"/"-60"
+            protocol); None keeps all remaining training images.
+        val_per_class: validation images held out per class; None means ``val_fraction`` of the
+            class's training images (of ``train_per_class`` when given). Ignored when the dataset has
+            its own validation split.
+        check_images: decode every image file once and skip unreadable ones with a warning.
+    """
+    if train_per_class is not None and train_per_class < 1:
+        raise DeltatlError("--train-per-class must be at least 1")
+    splits = _open(data, data_root, check_images)
+    pool, test = splits["train"], splits["test"]
+    if "val" in splits:
+        train = pool if train_per_class is None else pool.select(
+            sample_per_class(pool.targets, [train_per_class], seed, pool.classes)[0])
+        return DataSplits(train, splits["val"], test)
+    if train_per_class is not None:
+        n_val = validation_count(train_per_class, val_per_class, val_fraction)
+        train_idx, val_idx = sample_per_class(pool.targets, [train_per_class, n_val], seed, pool.classes)
+    else:
+        smallest = min(pool.targets.count(c) for c in range(len(pool.classes)))
+        n_val = validation_count(smallest, val_per_class, val_fraction)
+        val_idx, train_idx = sample_per_class(pool.targets, [n_val, None], seed, pool.classes)
+    return DataSplits(pool.select(train_idx), pool.select(val_idx), test)
+
+
+__all__ = ["DATASETS", "DataSplits", "load_splits", "ArrayImages", "FileImages", "ImageCollection",
+           "TransformedImages"]

@@ -1,0 +1,84 @@
+"""Using trained (or ImageNet) models: evaluate a run's checkpoint, predict classes of image files."""
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+from torch import nn
+
+from .config import make_config
+from .data import TransformedImages
+from .data.transforms import eval_transform
+from .engine import checkpoint as ckpt
+from .engine.evaluate import evaluate
+from .engine.fit import CHECKPOINT
+from .errors import DeltatlError
+from .models import create_model, preprocessing
+from .run import open_splits, resolve_device
+
+
+def load_trained(path: str) -> tuple[nn.Module, dict[str, Any]]:
+    """The target network of a run (directory or checkpoint file) and the run's info."""
+    if os.path.isdir(path):
+        path = os.path.join(path, CHECKPOINT)
+    if not os.path.isfile(path):
+        raise DeltatlError(f"no checkpoint at {path}")
+    state = ckpt.load(path)
+    if not isinstance(state, dict) or "objective" not in state or "run_info" not in state:
+        raise DeltatlError(f"{path} is not a deltatl run checkpoint")
+    info = state["run_info"]
+    config = info["config"]
+    model = create_model(config["model"], len(info["classes"]), pretrained="none")
+    weights = {k[len("model."):]: v for k, v in state["objective"].items() if k.startswith("model.")}
+    from .models import load_state_dict_strict
+
+    load_state_dict_strict(model, weights, f"checkpoint {path}")
+    return model.eval(), info
+
+
+def evaluate_checkpoint(path: str, *, split: str = "test", data_root: str | None = None, device: str = "auto",
+                        progress: bool = True) -> dict[str, float]:
+    model, info = load_trained(path)
+    values = dict(info["config"])
+    if data_root:
+        values["data_root"] = data_root
+    config = make_config({}, values)
+    splits = open_splits(config)
+    dataset = TransformedImages(getattr(splits, split),
+                                eval_transform(config.image_size, preprocessing(model), config.resize))
+    dev = resolve_device(device)
+    return evaluate(model.to(dev), dataset, batch_size=config.batch_size, device=dev, progress=progress)
+
+
+def _imagenet_names() -> list[str]:
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    return [info.index_to_description(i) for i in range(1000)]
+
+
+@torch.inference_mode()
+def predict_files(paths: Sequence[str], *, checkpoint: str | None = None, top_k: int = 5,
+                  device: str = "auto") -> list[tuple[str, list[tuple[str, float]]]]:
+    """``[(path, [(class name, probability), ...]), ...]`` for each image file."""
+    if checkpoint:
+        model, info = load_trained(checkpoint)
+        names, image_size, resize = info["classes"], info["config"]["image_size"], info["config"]["resize"]
+    else:
+        model, names, image_size, resize = create_model(num_classes=None).eval(), _imagenet_names(), 224, 256
+    dev = resolve_device(device)
+    model.to(dev)
+    transform = eval_transform(image_size, preprocessing(model), resize)
+    results = []
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                x = transform(img.convert("RGB")).unsqueeze(0).to(dev)
+        except (OSError, ValueError) as exc:
+            raise DeltatlError(f"cannot read image {path}: {exc}") from None
+        probs = model(x).softmax(dim=1)[0]
+        top = probs.topk(min(top_k, len(names)))
+        results.append((path, [(names[i], p) for p, i in zip(top.values.tolist(), top.indices.tolist())]))
+    return results
