@@ -30,6 +30,8 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
     add("--val-per-class", type=int, help="validation images held out of the training data per class "
                                           f"(default: --val-fraction of the training images)")
     add("--val-fraction", type=float, help=f"validation share when --val-per-class is not set (default {d.val_fraction})")
+    add("--test-per-class", type=int, help="evaluate on a seeded subset of N test images per class "
+                                           "(quick runs; default: the whole test set)")
     add("--image-size", type=int, help=f"crop size in pixels (default {d.image_size}; the papers used 224)")
     add("--resize", type=int, help="square resize before cropping (default image-size * 256/224)")
     add("--no-check-images", dest="check_images", action="store_false",

@@ -26,6 +26,7 @@ class TrainConfig:
     train_per_class: int | None = None  # None: the dataset's default (30 for fashion-mnist, else all); 0: all
     val_per_class: int | None = None
     val_fraction: float = 0.2
+    test_per_class: int | None = None  # None: the whole test set
     image_size: int = 96
     resize: int | None = None
     check_images: bool = True

@@ -15,7 +15,7 @@ from .engine import checkpoint as ckpt
 from .engine.evaluate import evaluate
 from .engine.fit import CHECKPOINT
 from .errors import DeltatlError
-from .models import create_model, preprocessing
+from .models import create_model, load_state_dict_strict, preprocessing
 from .run import open_splits, resolve_device
 
 
@@ -26,15 +26,12 @@ def load_trained(path: str) -> tuple[nn.Module, dict[str, Any]]:
     if not os.path.isfile(path):
         raise DeltatlError(f"no checkpoint at {path}")
     state = ckpt.load(path)
-    if not isinstance(state, dict) or "objective" not in state or "run_info" not in state:
+    if not isinstance(state, dict) or "model" not in state or "run_info" not in state:
         raise DeltatlError(f"{path} is not a deltatl run checkpoint")
     info = state["run_info"]
     config = info["config"]
     model = create_model(config["model"], len(info["classes"]), pretrained="none")
-    weights = {k[len("model."):]: v for k, v in state["objective"].items() if k.startswith("model.")}
-    from .models import load_state_dict_strict
-
-    load_state_dict_strict(model, weights, f"checkpoint {path}")
+    load_state_dict_strict(model, state["model"], f"checkpoint {path}")
     return model.eval(), info
 
 

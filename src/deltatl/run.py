@@ -55,7 +55,7 @@ def train_per_class(config: TrainConfig) -> int | None:
 def open_splits(config: TrainConfig) -> DataSplits:
     return load_splits(config.data, config.data_root, train_per_class=train_per_class(config),
                        val_per_class=config.val_per_class, val_fraction=config.val_fraction,
-                       seed=config.seed, check_images=config.check_images)
+                       test_per_class=config.test_per_class, seed=config.seed, check_images=config.check_images)
 
 
 def _prepare_run_dir(run_dir: str, config: TrainConfig, resume: bool) -> dict[str, Any] | None:

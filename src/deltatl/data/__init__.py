@@ -69,8 +69,8 @@ def _open(data: str, data_root: str | None, check_images: bool) -> dict[str, Ima
 
 
 def load_splits(data: str, data_root: str | None = None, *, train_per_class: int | None = None,
-                val_per_class: int | None = None, val_fraction: float = 0.2, seed: int = 0,
-                check_images: bool = True) -> DataSplits:
+                val_per_class: int | None = None, val_fraction: float = 0.2, test_per_class: int | None = None,
+                seed: int = 0, check_images: bool = True) -> DataSplits:
     """Open a dataset and carve its training data into train and validation, stratified and seeded.
 
     Args:
@@ -80,12 +80,16 @@ def load_splits(data: str, data_root: str | None = None, *, train_per_class: int
         val_per_class: validation images held out per class; None means ``val_fraction`` of the
             class's training images (of ``train_per_class`` when given). Ignored when the dataset has
             its own validation split.
+        test_per_class: evaluate on a seeded subset of this many test images per class (quick runs);
+            None uses the whole test set, as the papers did.
         check_images: decode every image file once and skip unreadable ones with a warning.
     """
     if train_per_class is not None and train_per_class < 1:
         raise DeltatlError("--train-per-class must be at least 1")
     splits = _open(data, data_root, check_images)
     pool, test = splits["train"], splits["test"]
+    if test_per_class:
+        test = test.select(sample_per_class(test.targets, [test_per_class], seed, test.classes)[0])
     if "val" in splits:
         train = pool if train_per_class is None else pool.select(
             sample_per_class(pool.targets, [train_per_class], seed, pool.classes)[0])

@@ -33,8 +33,8 @@ def sample_per_class(targets: Sequence[int], counts: Sequence[int | None], seed:
         need = sum(c for c in counts if c is not None)
         if need > len(idx):
             name = class_names[label] if class_names else str(label)
-            raise DeltatlError(f"class '{name}' has {len(idx)} training images, fewer than the {need} "
-                               f"requested (--train-per-class plus validation images)")
+            raise DeltatlError(f"class '{name}' has {len(idx)} images, fewer than the {need} requested "
+                               f"(see --train-per-class, --val-per-class, --test-per-class)")
         order = np.random.default_rng([seed, label]).permutation(len(idx))
         start = 0
         for k, count in enumerate(counts):

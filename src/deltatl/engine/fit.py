@@ -130,7 +130,7 @@ def fit(objective: Objective, train_set: TransformedImages, val_set: Dataset | N
     sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64, device=device))
     if resume and os.path.isfile(ckpt_path):
         state = ckpt.load(ckpt_path)
-        objective.load_state_dict(state["objective"])
+        objective.model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, elapsed = state["step"], state["seconds"]
         for k, v in state["epoch_sums"].items():
@@ -141,7 +141,7 @@ def fit(objective: Objective, train_set: TransformedImages, val_set: Dataset | N
         os.remove(metrics_path)
 
     def save(done: bool = False) -> None:
-        ckpt.save_atomic({"objective": objective.state_dict(), "optimizer": optimizer.state_dict(),
+        ckpt.save_atomic({"model": objective.model.state_dict(), "optimizer": optimizer.state_dict(),
                           "step": step, "seconds": elapsed + time.perf_counter() - started,
                           "epoch_sums": {k: v.cpu() for k, v in sums.items()}, "rng": ckpt.rng_state(),
                           "run_info": run_info or {}, "done": done}, ckpt_path)
