@@ -20,7 +20,7 @@ DEMO_METHODS = ("l2-fe", "l2")
 def _train_options(parser: argparse.ArgumentParser) -> None:
     """Training flags; every default is SUPPRESS so only flags actually given override the YAML file."""
     d = TrainConfig()
-    add = lambda *a, **k: parser.add_argument(*a, default=argparse.SUPPRESS, **k)  # noqa: E731
+    add = lambda *a, **k: g.add_argument(*a, default=argparse.SUPPRESS, **k)  # noqa: E731  (current group)
     g = parser.add_argument_group("data")
     add("--data", help=f"dataset name (fashion-mnist) or image folder root/{{train,test[,val]}}/<class>/* "
                        f"(default {d.data})")
@@ -42,8 +42,30 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
         help="source weights: auto = embedded if available else the hub (default auto)")
     add("--checkpoint", help="local file with the source network's weights (timm or torchvision state dict)")
     add("--head-init", choices=("default", "zero"), help="new head initialisation (default: nn.Linear's)")
-    g = parser.add_argument_group("method and optimisation")
-    add("--method", help=f"l2 or l2-fe (default {d.method})")
+    g = parser.add_argument_group("method")
+    add("--method", help=f"l2, l2-fe, l2-sp, delta-noatt or delta (default {d.method})")
+    add("--alpha", type=float, help=f"weight of the L2-SP / DELTA term (default {d.alpha}, official)")
+    add("--beta", type=float, help=f"weight of the head's L2 term for l2-sp / delta* (default {d.beta})")
+    add("--delta-layers", help="comma-separated module names whose feature maps DELTA regularizes "
+                               "(default: the architecture's preset)")
+    add("--delta-reduction", choices=("sum", "mean"),
+        help="DELTA term over the batch: sum (official; alpha tuned for batch 64) or mean")
+    add("--rifle", type=int, help="RIFLE: re-initialise the head K times, evenly spaced (default 0)")
+    add("--rifle-reset-momentum", action="store_true", help="RIFLE: also clear the head's momentum")
+    add("--rifle-cyclic-lr", action="store_true", help="RIFLE: restarting cosine learning rate for the head")
+    g = parser.add_argument_group("supervised channel attention (method delta)")
+    add("--attention-file", help="raw channel scores (deltatl or official JSON) instead of computing them")
+    add("--attention-method", choices=("exact", "first_order", "naive"),
+        help="exact (fast, default), first_order (activation x gradient) or naive (reference loop)")
+    add("--attention-epochs", type=int, help=f"L2-FE epochs before scoring (default {d.attention_epochs})")
+    add("--attention-lr", type=float, help=f"L2-FE learning rate (default {d.attention_lr})")
+    add("--attention-batches", type=int, help=f"training batches scored (default {d.attention_batches})")
+    add("--attention-batch-size", type=int, help=f"default {d.attention_batch_size}")
+    add("--no-attention-bn-train", dest="attention_bn_train", action="store_false",
+        help="freeze BatchNorm statistics during the L2-FE fit (the official code let them adapt)")
+    add("--attention-temperature", type=float, help=f"softmax temperature (default {d.attention_temperature})")
+    add("--attention-cache", help="folder of cached raw scores (default ~/.cache/deltatl/attention)")
+    g = parser.add_argument_group("optimisation")
     add("--epochs", type=int, help=f"training epochs (default {TrainConfig.DEFAULT_EPOCHS})")
     add("--iters", type=int, help="training iterations instead of epochs")
     add("--batch-size", type=int, help=f"default {d.batch_size}")
@@ -58,7 +80,6 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
     add("--workers", type=int, help="data-loading processes (default 0)")
     add("--eval-every", type=int, help="validate every N epochs (default 1)")
     add("--out", help="run directory (default runs/<method>_<data>_<model>_seed<seed>)")
-    del g
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,13 +181,16 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "demo"
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    warnings.formatwarning = lambda msg, cat, *a, **k: f"deltatl: warning: {msg}\n"
     from .engine.fit import Interrupted
 
+    previous_format = warnings.formatwarning
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"deltatl: warning: {msg}\n"
     try:
         return COMMANDS[args.command](args)
     except DeltatlError as exc:
-        print(f"deltatl: error: {exc}", file=sys.stderr)
+        # A DataLoader worker re-raises our error with the worker's traceback as its message.
+        message = str(exc).rstrip().splitlines()[-1].removeprefix("deltatl.errors.DeltatlError: ")
+        print(f"deltatl: error: {message}", file=sys.stderr)
         return 2
     except Interrupted as exc:
         print(f"deltatl: {exc}; continue with the same command plus --resume", file=sys.stderr)
@@ -174,6 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("deltatl: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = previous_format
 
 
 if __name__ == "__main__":

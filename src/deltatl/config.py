@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -35,8 +36,25 @@ class TrainConfig:
     pretrained: str = "auto"
     checkpoint: str | None = None
     head_init: str = "default"
-    # method
+    # method (alpha and beta: the official 0.01 / 0.01)
     method: str = "l2"
+    alpha: float = 0.01
+    beta: float = 0.01
+    delta_layers: list[str] | None = None  # None: the architecture's preset
+    delta_reduction: str = "sum"  # official: summed over the batch; "mean" divides by the batch size
+    # supervised channel attention (method delta); defaults = the official procedure
+    attention_file: str | None = None  # raw scores to use instead of computing them
+    attention_method: str = "exact"  # or "first_order" (activation x gradient approximation)
+    attention_epochs: int = 10
+    attention_lr: float = 0.01
+    attention_batches: int = 4
+    attention_batch_size: int = 32
+    attention_bn_train: bool = True  # official quirk: BatchNorm statistics adapt during the L2-FE fit
+    attention_temperature: float = 5.0
+    # RIFLE
+    rifle: int = 0
+    rifle_reset_momentum: bool = False
+    rifle_cyclic_lr: bool = False
     # optimisation
     epochs: int | None = None
     iters: int | None = None
@@ -51,6 +69,7 @@ class TrainConfig:
     workers: int = 0
     eval_every: int = 1
     out: str | None = None
+    attention_cache: str | None = None  # default ~/.cache/deltatl/attention
 
     DEFAULT_EPOCHS = 10
 
@@ -64,6 +83,12 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise DeltatlError(f"--{name} must be at least 1")
+        if self.rifle < 0:
+            raise DeltatlError("--rifle must be >= 0")
+        if self.delta_reduction not in ("sum", "mean"):
+            raise DeltatlError("--delta-reduction must be sum or mean")
+        if self.attention_method not in ("exact", "first_order", "naive"):
+            raise DeltatlError("--attention-method must be exact, first_order or naive")
         if self.lr <= 0:
             raise DeltatlError("--lr must be positive")
         if not 0 <= self.val_fraction < 1:
@@ -73,7 +98,7 @@ class TrainConfig:
 
     def result_fields(self) -> dict[str, Any]:
         """The fields that define what a run computes (compared when a run directory is reused)."""
-        skip = {"device", "workers", "out"}
+        skip = {"device", "workers", "out", "attention_cache"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 
@@ -98,6 +123,9 @@ def load_yaml(path: str) -> dict[str, Any]:
     return values
 
 
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _coerce(key: str, value: Any) -> Any:
     """Check a value against the field's annotation (``int``, ``float | None``...)."""
     kinds = [k.strip() for k in _TYPES[key].split("|")]
@@ -107,10 +135,16 @@ def _coerce(key: str, value: Any) -> Any:
         return value
     if "int" in kinds and isinstance(value, int) and not isinstance(value, bool):
         return value
+    if "float" in kinds and isinstance(value, str) and _SCIENTIFIC.fullmatch(value):
+        value = float(value)  # YAML 1.1 (PyYAML) reads 1e-4 as a string
     if "float" in kinds and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if "str" in kinds and isinstance(value, str):
         return value
+    if "list[str]" in kinds and isinstance(value, (list, tuple, str)):
+        items = value.split(",") if isinstance(value, str) else value
+        if all(isinstance(v, str) for v in items):
+            return [v.strip() for v in items if v.strip()]
     raise DeltatlError(f"setting {key.replace('_', '-')} must be {' or '.join(kinds)}, got {value!r}")
 
 

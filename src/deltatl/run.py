@@ -16,9 +16,14 @@ from .config import TrainConfig, dump_yaml, read_run_config
 from .data import DATASETS, DataSplits, TransformedImages, load_splits
 from .data.transforms import eval_transform, train_transform
 from .engine.fit import CHECKPOINT, SUMMARY, epoch_steps, fit
+from .attention import normalize_scores, read_scores, write_scores
+from .engine.channel_attention import (cache_key, cached_channel_attention, estimate_channel_attention,
+                                       layer_channels)
 from .engine.objective import Objective, get_method
+from .engine.rifle import Rifle, rifle_steps
 from .errors import DeltatlError
-from .models import create_model, preprocessing
+from .features import layer_preset
+from .models import create_model, head_module, preprocessing, resolve_pretrained
 
 # Few-shot default of a named dataset when --train-per-class is not given (the embedded default job).
 DEFAULT_TRAIN_PER_CLASS = {"fashion-mnist": 30}
@@ -52,10 +57,10 @@ def train_per_class(config: TrainConfig) -> int | None:
     return config.train_per_class or None  # 0 means all
 
 
-def open_splits(config: TrainConfig) -> DataSplits:
+def open_splits(config: TrainConfig, progress: bool = True) -> DataSplits:
     return load_splits(config.data, config.data_root, train_per_class=train_per_class(config),
                        val_per_class=config.val_per_class, val_fraction=config.val_fraction,
-                       test_per_class=config.test_per_class, seed=config.seed, check_images=config.check_images)
+                       test_per_class=config.test_per_class, seed=config.seed, check_images=config.check_images, progress=progress)
 
 
 def _prepare_run_dir(run_dir: str, config: TrainConfig, resume: bool) -> dict[str, Any] | None:
@@ -87,12 +92,13 @@ def train_run(config: TrainConfig, *, resume: bool = False, progress: bool = Tru
     if finished is not None:
         return {**finished, "reused": True}
     device = resolve_device(config.device)
-    splits = open_splits(config)
+    splits = open_splits(config, progress)
     model = create_model(config.model, len(splits.classes), pretrained=config.pretrained,
                          checkpoint=config.checkpoint, head_init=config.head_init)
     os.makedirs(run_dir, exist_ok=True)
     lists_dir = os.path.join(run_dir, "splits")
-    splits.check_lists(lists_dir)
+    if os.path.isfile(os.path.join(run_dir, CHECKPOINT)):
+        splits.check_lists(lists_dir)
     splits.write_lists(lists_dir)
     dump_yaml(config, os.path.join(run_dir, CONFIG_FILE))
 
@@ -101,13 +107,79 @@ def train_run(config: TrainConfig, *, resume: bool = False, progress: bool = Tru
                                   seed=config.seed)
     val_set = TransformedImages(splits.val, eval_transform(config.image_size, pre, config.resize))
     test_set = TransformedImages(splits.test, eval_transform(config.image_size, pre, config.resize))
-    total_steps = config.iters or ((config.epochs or TrainConfig.DEFAULT_EPOCHS)
-                                   * epoch_steps(len(splits.train), config.batch_size))
-    run_info = {"method": config.method, "model": config.model, "data": config.data,
+    spe = epoch_steps(len(splits.train), config.batch_size)
+    total_steps = config.iters or (config.epochs or TrainConfig.DEFAULT_EPOCHS) * spe
+    objective = build_objective(config, model, train_set, run_dir, device, progress)
+    rifle = None
+    if config.rifle:
+        rifle = Rifle(head_module(model), rifle_steps(total_steps, config.rifle, None if config.iters else spe),
+                      seed=config.seed, init=config.head_init, reset_momentum=config.rifle_reset_momentum,
+                      cyclic_lr=config.rifle_cyclic_lr)
+    run_info = {"method": config.method, "model": config.model, "data": config.data, "rifle": config.rifle,
+                "alpha": config.alpha if method.starting_point or method.feature_maps else None,
                 "classes": splits.classes, "config": config.result_fields()}
-    return fit(Objective(model, config.method), train_set, val_set, test_set, run_dir=run_dir,
+    return fit(objective, train_set, val_set, test_set, run_dir=run_dir,
                total_steps=total_steps, batch_size=config.batch_size, lr=config.lr,
                momentum=config.momentum,
                weight_decay=method.weight_decay if config.weight_decay is None else config.weight_decay,
                schedule=config.schedule, device=device, seed=config.seed, num_workers=config.workers,
-               eval_every=config.eval_every, resume=resume, progress=progress, run_info=run_info)
+               eval_every=config.eval_every, rifle=rifle, resume=resume, progress=progress, run_info=run_info)
+
+
+def delta_layers(config: TrainConfig, model: torch.nn.Module) -> list[str]:
+    """The tapped layers: ``--delta-layers`` or the architecture's preset."""
+    try:
+        return list(config.delta_layers or layer_preset(model, config.model))
+    except ValueError as exc:
+        raise DeltatlError(str(exc)) from None
+
+
+def weights_identity(config: TrainConfig) -> dict[str, Any]:
+    """What identifies the source weights (for the attention cache key)."""
+    source = resolve_pretrained(config.model, config.pretrained, config.checkpoint)
+    if source == "checkpoint":
+        stat = os.stat(config.checkpoint)
+        return {"checkpoint": os.path.abspath(config.checkpoint), "size": stat.st_size, "mtime": stat.st_mtime}
+    return {"weights": source}
+
+
+def channel_attention_scores_for(config: TrainConfig, model: torch.nn.Module, layers: list[str],
+                                 train_set: TransformedImages, run_dir: str, device: torch.device,
+                                 progress: bool) -> dict[str, torch.Tensor]:
+    """Raw attention scores: from ``--attention-file``, the cache, or the official procedure."""
+    channels = layer_channels(model, layers, config.image_size)
+    if config.attention_file:
+        try:
+            return read_scores(config.attention_file, layers, channels)
+        except (OSError, ValueError) as exc:
+            raise DeltatlError(f"--attention-file: {exc}") from None
+    fields = {"model": config.model, **weights_identity(config), "head_init": config.head_init,
+              "layers": layers, "image_size": config.image_size, "resize": config.resize, "seed": config.seed,
+              "epochs": config.attention_epochs, "lr": config.attention_lr, "batches": config.attention_batches,
+              "batch_size": config.attention_batch_size, "bn_train": config.attention_bn_train,
+              "method": config.attention_method, "version": 1}
+
+    def compute() -> dict[str, torch.Tensor]:
+        return estimate_channel_attention(
+            model, layers, train_set, work_dir=os.path.join(run_dir, "attention_fe"), device=device,
+            seed=config.seed, epochs=config.attention_epochs, lr=config.attention_lr,
+            num_batches=config.attention_batches, batch_size=config.attention_batch_size,
+            bn_train=config.attention_bn_train, method=config.attention_method, num_workers=config.workers,
+            progress=progress)
+
+    return cached_channel_attention(config.attention_cache, cache_key(fields, train_set.images), layers,
+                                    channels, compute, fields)
+
+
+def build_objective(config: TrainConfig, model: torch.nn.Module, train_set: TransformedImages, run_dir: str,
+                    device: torch.device, progress: bool) -> Objective:
+    """The method's objective; for ``delta`` this computes (or reuses) the channel attention first."""
+    method = get_method(config.method)
+    layers = delta_layers(config, model) if method.feature_maps else None
+    weights = None
+    if method.attention:
+        raw = channel_attention_scores_for(config, model, layers, train_set, run_dir, device, progress)
+        write_scores(os.path.join(run_dir, "attention.json"), raw, {"layers": layers})
+        weights = normalize_scores(raw, config.attention_temperature)
+    return Objective(model, config.method, alpha=config.alpha, beta=config.beta, layers=layers,
+                     channel_weights=weights, reduction=config.delta_reduction)

@@ -46,7 +46,7 @@ class DataSplits:
                                    f"the data changed since this run started")
 
 
-def _open(data: str, data_root: str | None, check_images: bool) -> dict[str, ImageCollection]:
+def _open(data: str, data_root: str | None, check_images: bool, progress: bool) -> dict[str, ImageCollection]:
     if data in DATASETS:
         return DATASETS[data](data_root)
     if not os.path.isdir(data):
@@ -61,16 +61,19 @@ def _open(data: str, data_root: str | None, check_images: bool) -> dict[str, Ima
             splits[name] = scan_split(data, name, classes)
     if check_images:
         for name, split in splits.items():
-            splits[name], bad = check_readable(split)
+            splits[name], bad = check_readable(split, progress)
             if bad:
                 warnings.warn(f"skipped {len(bad)} unreadable image file(s) in {data}/{name} "
                               f"(first: {bad[0]})", stacklevel=2)
+            empty = sorted(set(classes) - {classes[t] for t in splits[name].targets})
+            if empty:
+                raise DeltatlError(f"no readable images in class folder(s) {', '.join(empty)} of {data}/{name}")
     return splits
 
 
 def load_splits(data: str, data_root: str | None = None, *, train_per_class: int | None = None,
                 val_per_class: int | None = None, val_fraction: float = 0.2, test_per_class: int | None = None,
-                seed: int = 0, check_images: bool = True) -> DataSplits:
+                seed: int = 0, check_images: bool = True, progress: bool = True) -> DataSplits:
     """Open a dataset and carve its training data into train and validation, stratified and seeded.
 
     Args:
@@ -86,7 +89,7 @@ def load_splits(data: str, data_root: str | None = None, *, train_per_class: int
     """
     if train_per_class is not None and train_per_class < 1:
         raise DeltatlError("--train-per-class must be at least 1")
-    splits = _open(data, data_root, check_images)
+    splits = _open(data, data_root, check_images, progress)
     pool, test = splits["train"], splits["test"]
     if test_per_class:
         test = test.select(sample_per_class(test.targets, [test_per_class], seed, test.classes)[0])

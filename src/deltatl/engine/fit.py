@@ -26,6 +26,7 @@ from ..errors import DeltatlError
 from . import checkpoint as ckpt
 from .evaluate import evaluate
 from .objective import Objective
+from .rifle import Rifle
 from .schedule import create_schedule
 
 CHECKPOINT = "checkpoint.pt"
@@ -95,9 +96,10 @@ def _truncate_metrics(path: str, last_step: int) -> None:
 
 def fit(objective: Objective, train_set: TransformedImages, val_set: Dataset | None, test_set: Dataset | None,
         *, run_dir: str, total_steps: int, batch_size: int, lr: float, momentum: float = 0.9,
-        weight_decay: float = 0.0, schedule: str = "step", device: torch.device = torch.device("cpu"),
+        weight_decay: float = 0.0, schedule: str = "step", decay_fraction: float = 2 / 3, device: torch.device = torch.device("cpu"),
         seed: int = 0, num_workers: int = 0, eval_every: int = 1, log_every: int = 10,
-        resume: bool = False, progress: bool = True, run_info: dict[str, Any] | None = None) -> dict[str, Any]:
+        rifle: Rifle | None = None, resume: bool = False, progress: bool = True,
+        run_info: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train ``objective`` with SGD for ``total_steps`` steps and evaluate it.
 
     Validation accuracy is measured every ``eval_every`` epochs and at the end; the test set is
@@ -107,6 +109,8 @@ def fit(objective: Objective, train_set: TransformedImages, val_set: Dataset | N
         run_dir: where ``checkpoint.pt``, ``metrics.jsonl`` and ``summary.json`` are written.
         total_steps: optimisation steps; an epoch is ``len(train_set) // batch_size`` steps (the last
             incomplete batch is dropped so BatchNorm never sees a batch of one).
+        decay_fraction: where the step schedule divides the rate by 10 (exp: where it reaches /10).
+        rifle: re-initialise the head at the given steps (RIFLE); see :mod:`deltatl.engine.rifle`.
         run_info: stored in the checkpoint and the summary (method, model, classes, config...).
 
     Returns:
@@ -123,14 +127,15 @@ def fit(objective: Objective, train_set: TransformedImages, val_set: Dataset | N
 
     ckpt.seed_everything(seed)
     objective.to(device)
-    optimizer = torch.optim.SGD(objective.trainable_parameters(), lr=lr, momentum=momentum,
-                                weight_decay=weight_decay)
-    scheduler = create_schedule(optimizer, schedule, total_steps, steps_per_epoch)
+    # The head is the last parameter group, so RIFLE's cyclic schedule can address it alone.
+    optimizer = torch.optim.SGD(objective.param_groups(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    scheduler = create_schedule(optimizer, schedule, total_steps, steps_per_epoch, decay_fraction)
     step, elapsed = 0, 0.0
     sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64, device=device))
     if resume and os.path.isfile(ckpt_path):
         state = ckpt.load(ckpt_path)
         objective.model.load_state_dict(state["model"])
+        objective.load_regularizer_state(state["regularizer"])
         optimizer.load_state_dict(state["optimizer"])
         step, elapsed = state["step"], state["seconds"]
         for k, v in state["epoch_sums"].items():
@@ -141,7 +146,8 @@ def fit(objective: Objective, train_set: TransformedImages, val_set: Dataset | N
         os.remove(metrics_path)
 
     def save(done: bool = False) -> None:
-        ckpt.save_atomic({"model": objective.model.state_dict(), "optimizer": optimizer.state_dict(),
+        ckpt.save_atomic({"model": objective.model.state_dict(), "regularizer": objective.regularizer_state(),
+                          "optimizer": optimizer.state_dict(),
                           "step": step, "seconds": elapsed + time.perf_counter() - started,
                           "epoch_sums": {k: v.cpu() for k, v in sums.items()}, "rng": ckpt.rng_state(),
                           "run_info": run_info or {}, "done": done}, ckpt_path)
@@ -153,7 +159,6 @@ def fit(objective: Objective, train_set: TransformedImages, val_set: Dataset | N
                         num_workers=num_workers, desc=name, progress=progress)
 
     started = time.perf_counter()
-    objective.train()
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=None if progress else True,
                dynamic_ncols=True)
     val: dict[str, float] = {}
@@ -161,11 +166,14 @@ def fit(objective: Objective, train_set: TransformedImages, val_set: Dataset | N
         while step < total_steps:
             epoch, start = divmod(step, steps_per_epoch)
             train_set.set_epoch(epoch)
+            objective.train()  # again after each evaluation, which put the model in eval mode
             loader = DataLoader(train_set, batch_size=batch_size, drop_last=drop_last,
                                 sampler=EpochSampler(n_train, seed, epoch, start * batch_size),
                                 num_workers=num_workers, pin_memory=device.type == "cuda")
             for images, labels in loader:
                 scheduler.step_update(step)
+                if rifle is not None and rifle.cyclic_lr:
+                    optimizer.param_groups[-1]["lr"] = lr * rifle.head_lr_factor(step, total_steps)
                 images = images.to(device, non_blocking=True)
                 labels = labels.to(device, non_blocking=True)
                 out = objective(images, labels)
@@ -178,6 +186,8 @@ def fit(objective: Objective, train_set: TransformedImages, val_set: Dataset | N
                 sums["count"] += 1
                 step += 1
                 bar.update(1)
+                if rifle is not None and rifle.after_step(step, optimizer):
+                    _append_metrics(metrics_path, {"step": step, "event": "rifle"})
                 if step % log_every == 0:  # the only host sync of the hot loop
                     bar.set_postfix(loss=f"{(sums['loss'] / sums['count']).item():.3f}")
                 if stop or step >= total_steps or step % steps_per_epoch == 0:

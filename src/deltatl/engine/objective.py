@@ -1,34 +1,62 @@
-"""The training objective of each method: ``(images, labels) -> {"loss", "logits", "ce", ...}``.
+"""The training objective of each method: ``(images, labels) -> {"loss", "logits", "ce", "reg/..."}``.
 
-The objective owns the target network and, for the methods that need it, the frozen source network
-and the regularizer state; the training loop only ever calls it. Every term of the loss is returned
-separately so it can be logged.
+==============  ===============================================================  ============
+method          loss                                                             weight decay
+==============  ===============================================================  ============
+``l2``          CE                                                               1e-4
+``l2-fe``       CE; backbone (and its BatchNorm statistics) frozen                1e-4
+``l2-sp``       CE + alpha * sum_shared 0.5||w - w*||^2 + beta * 0.5||head||^2   0
+``delta-noatt`` CE + alpha * Omega_fm (uniform channels) + beta * 0.5||head||^2  0
+``delta``       CE + alpha * Omega_att (channel attention) + beta * 0.5||head||^2  0
+==============  ===============================================================  ============
+
+The objective owns the target network and, for the methods that need them, the frozen source
+network with its feature hooks and the regularizer state; the training loop only calls it. Every term
+is returned separately (already multiplied by its weight) so it can be logged.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
+from typing import Mapping, Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import DeltatlError
+from ..features import FeatureHooks
 from ..models import split_parameters
+from ..regularizers import L2SP, delta_distance, l2_penalty
 
 
 @dataclass(frozen=True)
 class Method:
-    """How a method trains: its default weight decay and whether the backbone is frozen."""
+    """How a method trains."""
 
     name: str
     weight_decay: float
     freeze_backbone: bool = False
+    starting_point: bool = False  # L2-SP
+    feature_maps: bool = False  # DELTA: needs the source network's features
+    attention: bool = False  # DELTA: supervised channel attention
     description: str = ""
+
+    @property
+    def head_penalty(self) -> bool:
+        return self.starting_point or self.feature_maps
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("l2", 1e-4, description="cross-entropy, weight decay 1e-4 on every parameter"),
     Method("l2-fe", 1e-4, freeze_backbone=True,
            description="frozen feature extractor (BatchNorm statistics too), only the new head trains"),
+    Method("l2-sp", 0.0, starting_point=True,
+           description="decay of the backbone towards its pretrained weights, L2 on the head"),
+    Method("delta-noatt", 0.0, feature_maps=True,
+           description="feature maps kept close to the source's, all channels alike, L2 on the head"),
+    Method("delta", 0.0, feature_maps=True, attention=True,
+           description="feature maps kept close to the source's, weighted by supervised channel attention"),
 )}
 
 
@@ -38,35 +66,136 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
+class _SourceDone(Exception):
+    """Raised by the source's last hook: nothing after the last tapped layer needs computing."""
+
+
 class Objective(nn.Module):
-    """Wraps the target model with the loss of one method.
+    """The target model with the loss of one method.
+
+    Args:
+        model: the target network (pretrained backbone + new head), *before* any training: the L2-SP
+            starting point and the DELTA source network are taken from it.
+        method: a key of :data:`METHODS`.
+        alpha: weight of the L2-SP or DELTA term.
+        beta: weight of the head's L2 term (L2-SP and DELTA methods).
+        layers: tapped module names (DELTA methods).
+        channel_weights: layer -> attention weights summing to 1 (``delta``); constants.
+        reduction: DELTA's batch reduction, ``"sum"`` (official) or ``"mean"``.
+        freeze_bn: keep BatchNorm statistics of a frozen backbone fixed (default for ``l2-fe``). The
+            official attention step trained its L2-FE model in train mode (statistics adapting).
+        distance_scale: multiplies the DELTA term; the world size under DDP with ``reduction="sum"``,
+            so that a global batch means the same on one process or many.
 
     ``forward`` returns the same keys in train and eval mode: ``loss`` (what is minimised), ``logits``,
-    ``ce`` (mean cross-entropy over the batch) and one entry per regularization term.
+    ``ce`` (mean cross-entropy) and ``reg/<term>`` for each regularizer, each already weighted.
     """
 
-    def __init__(self, model: nn.Module, method: str):
+    def __init__(self, model: nn.Module, method: str, *, alpha: float = 0.01, beta: float = 0.01,
+                 layers: Sequence[str] | None = None, channel_weights: Mapping[str, Tensor] | None = None,
+                 reduction: str = "sum", freeze_bn: bool = True, distance_scale: float = 1.0):
         super().__init__()
         self.model = model
         self.method = get_method(method)
+        self.alpha, self.beta, self.reduction = alpha, beta, reduction
+        self.freeze_bn = freeze_bn and self.method.freeze_backbone
+        self.distance_scale = distance_scale
+        shared, private = split_parameters(model)
+        self._head_params = tuple(p for _, p in private)
         if self.method.freeze_backbone:
-            for _, param in split_parameters(model)[0]:
+            for _, param in shared:
                 param.requires_grad_(False)
+        if self.method.starting_point:
+            self.l2sp = L2SP(shared)
+        self.layers: tuple[str, ...] = ()
+        if self.method.feature_maps:
+            if not layers:
+                raise DeltatlError(f"method {method} needs the layers whose feature maps it regularizes")
+            self.layers = tuple(layers)
+            # The source is a frozen copy of the pretrained network: eval mode (BatchNorm running
+            # statistics), no gradients, never wrapped by DDP. Copied before the target's hooks exist,
+            # which a deep copy would otherwise carry over.
+            self.source = copy.deepcopy(model).eval().requires_grad_(False)
+            try:
+                self.target_hooks = FeatureHooks(model, self.layers)
+            except ValueError as exc:
+                raise DeltatlError(str(exc)) from None
+            self.source_hooks = FeatureHooks(self.source, self.layers)
+            self._source_calls = 0
+            for name in self.layers:
+                self.source.get_submodule(name).register_forward_hook(self._stop_source_early)
+        if self.method.attention:
+            if channel_weights is None:
+                raise DeltatlError("method delta needs channel attention weights")
+            missing = set(self.layers) - set(channel_weights)
+            if missing:
+                raise DeltatlError(f"no channel attention for layer(s) {', '.join(sorted(missing))}")
+            for i, name in enumerate(self.layers):
+                self.register_buffer(f"attention_{i}", channel_weights[name].detach().float().clone())
+
+    def _stop_source_early(self, _module: nn.Module, _args: object, _output: object) -> None:
+        # Runs after the FeatureHooks hook of the same module (registered later), so the output is kept.
+        self._source_calls += 1
+        if self._source_calls == len(self.layers):
+            raise _SourceDone
+
+    def channel_weights(self) -> dict[str, Tensor] | None:
+        if not self.method.attention:
+            return None
+        return {name: getattr(self, f"attention_{i}") for i, name in enumerate(self.layers)}
 
     def train(self, mode: bool = True) -> "Objective":
         super().train(mode)
-        if mode and self.method.freeze_backbone:
+        if self.method.feature_maps:
+            self.source.eval()
+        if mode and self.freeze_bn:
             # A frozen feature extractor keeps its BatchNorm statistics frozen as well; dropout stays on.
             for module in self.model.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()
         return self
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
+    def param_groups(self) -> list[dict[str, object]]:
+        """Trainable parameters as two optimizer groups: the backbone's (if any) and the head's (last)."""
+        shared, private = split_parameters(self.model)
+        groups = [{"params": [p for _, p in shared if p.requires_grad], "name": "backbone"},
+                  {"params": [p for _, p in private], "name": "head"}]
+        return [g for g in groups if g["params"]]
+
+    def regularizer_state(self) -> dict[str, Tensor]:
+        """State that is not the target model's and cannot be rebuilt from it (L2-SP starting point,
+        attention weights); saved in checkpoints so that a resumed run is exact."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(("model.", "source."))}
+
+    def load_regularizer_state(self, state: Mapping[str, Tensor]) -> None:
+        own = self.state_dict()
+        if set(state) != set(self.regularizer_state()):
+            raise DeltatlError("checkpoint was written by another method (regularizer state differs)")
+        self.load_state_dict({**own, **state})
+
+    def source_features(self, images: Tensor) -> dict[str, Tensor]:
+        """The frozen source network's feature maps; its forward stops after the last tapped layer."""
+        self._source_calls = 0
+        with torch.no_grad():
+            try:
+                self.source(images)
+            except _SourceDone:
+                pass
+        return self.source_hooks.pop()
 
     def forward(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
         logits = self.model(images)
         ce = F.cross_entropy(logits, labels)
-        return {"loss": ce, "logits": logits, "ce": ce.detach()}
-
+        terms: dict[str, Tensor] = {}
+        if self.method.starting_point:
+            terms["reg/l2sp"] = self.alpha * self.l2sp()
+        if self.method.feature_maps:
+            target = self.target_hooks.pop()
+            distance = delta_distance(target, self.source_features(images), self.channel_weights(),
+                                      self.reduction)
+            terms["reg/delta"] = self.alpha * self.distance_scale * distance
+        if self.method.head_penalty and self.beta:
+            terms["reg/head"] = self.beta * l2_penalty(self._head_params)
+        loss = ce + sum(terms.values()) if terms else ce
+        return {"loss": loss, "logits": logits, "ce": ce.detach(),
+                **{k: v.detach() for k, v in terms.items()}}

@@ -1,0 +1,93 @@
+"""DELTA's supervised channel attention for a run: the official procedure, resumable and cached.
+
+1. Train an L2-FE model (the pretrained backbone frozen, a new head) on the training split
+   (official: 10 epochs, SGD lr 0.01, momentum 0.9, weight decay 1e-4, lr / 10 after 6 epochs; the
+   official code left BatchNorm in train mode, so its statistics adapted: ``bn_train=True``).
+2. Score every channel of the tapped layers on the first K training batches with train augmentation
+   (official: 4 batches of 32) with :func:`deltatl.attention.channel_attention_scores`.
+
+The raw scores depend only on the pretrained weights, the training images, the layers and these
+settings, so they are cached under a key of exactly those, and reused by every run that shares them
+(for instance all the alphas of a search).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from ..attention import channel_attention_scores, read_scores, write_scores
+from ..data import ImageCollection, TransformedImages
+from .fit import EpochSampler, epoch_steps, fit
+from .objective import Objective
+
+DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "deltatl", "attention")
+
+
+def cache_key(fields: dict[str, Any], images: ImageCollection) -> str:
+    """A digest of everything the raw scores depend on."""
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode())
+    for image_id, label in zip(images.ids, images.targets):
+        digest.update(f"{image_id}\t{label}\n".encode())
+    return digest.hexdigest()[:24]
+
+
+def estimate_channel_attention(model: nn.Module, layers: Sequence[str], train: TransformedImages, *,
+                               work_dir: str, device: torch.device, seed: int = 0, epochs: int = 10,
+                               lr: float = 0.01, num_batches: int = 4, batch_size: int = 32,
+                               bn_train: bool = True, method: str = "exact", num_workers: int = 0,
+                               progress: bool = True) -> dict[str, Tensor]:
+    """Raw channel scores ``{layer: (C,)}`` of ``model`` (pretrained backbone + new head; not modified).
+
+    Args:
+        train: the training split with the training augmentation.
+        work_dir: where the L2-FE run keeps its checkpoint, so an interrupted estimate resumes.
+    """
+    fe_model = copy.deepcopy(model)
+    objective = Objective(fe_model, "l2-fe", freeze_bn=not bn_train)
+    steps = epochs * epoch_steps(len(train), batch_size)
+    fit(objective, train, None, None, run_dir=work_dir, total_steps=steps, batch_size=batch_size, lr=lr,
+        weight_decay=1e-4, schedule="step", decay_fraction=0.6, device=device, seed=seed,
+        num_workers=num_workers, resume=True, progress=progress, run_info={"method": "l2-fe (attention)"})
+    # The first K batches of a fixed epoch of the training order, with train augmentation.
+    sampler = EpochSampler(len(train), seed, epoch=0)
+    loader = DataLoader(train, batch_size=batch_size, sampler=sampler, num_workers=num_workers)
+    train.set_epoch(0)
+    batches = []
+    for images, labels in loader:
+        batches.append((images.to(device), labels.to(device)))
+        if len(batches) == num_batches:
+            break
+    return channel_attention_scores(fe_model, list(layers), batches, method=method, progress=progress)
+
+
+def cached_channel_attention(cache_dir: str | None, key: str, layers: Sequence[str],
+                             channels: dict[str, int], compute: Any, meta: dict[str, Any]) -> dict[str, Tensor]:
+    """Read the raw scores for ``key`` from the cache, or ``compute()`` and store them."""
+    folder = cache_dir or DEFAULT_CACHE
+    path = os.path.join(folder, f"{key}.json")
+    if os.path.isfile(path):
+        return read_scores(path, layers, channels)
+    raw = compute()
+    os.makedirs(folder, exist_ok=True)
+    write_scores(path, raw, {**meta, "key": key})
+    return raw
+
+
+def layer_channels(model: nn.Module, layers: Sequence[str], image_size: int) -> dict[str, int]:
+    """Output channels of each tapped layer, from one small forward pass."""
+    from ..features import FeatureHooks
+
+    was_training = model.training
+    model.eval()
+    with FeatureHooks(model, layers) as hooks, torch.no_grad():
+        model(torch.zeros(1, 3, image_size, image_size, device=next(model.parameters()).device))
+        shapes = {name: feat.shape[1] for name, feat in hooks.pop().items()}
+    model.train(was_training)
+    return shapes

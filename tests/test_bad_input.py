@@ -1,0 +1,324 @@
+"""Bad input: one clear line on stderr, a non-zero exit, no traceback, no lost files."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import deltatl.run
+from deltatl.engine.objective import Objective
+
+
+def assert_one_error_line(result, *fragments: str) -> str:
+    """Exit status 2, exactly one ``deltatl: error:`` line (warnings aside) holding every fragment."""
+    assert result.code == 2, (result.code, result.err)
+    assert "Traceback" not in result.err
+    assert len(result.err_lines) == 1, result.err
+    line = result.err_lines[0]
+    assert line.startswith("deltatl: error: "), line
+    for fragment in fragments:
+        assert fragment in line, (fragment, line)
+    return line
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def cut_in_half(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.fixture
+def train(cli, tiny_train_args, tmp_path):
+    """``train(data, *flags, out=...)`` runs ``deltatl train`` with the tiny flags."""
+
+    def run(data, *flags, out=None):
+        return cli("train", "--data", data, *tiny_train_args, *flags, "--out", out or tmp_path / "run")
+
+    return run
+
+
+# --- data ---------------------------------------------------------------------------------------------
+
+def test_a_missing_data_folder_is_one_error_line(train, tmp_path):
+    result = train(tmp_path / "no-such-folder")
+    assert_one_error_line(result, "no-such-folder", "neither a dataset name")
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_empty_data_folder_is_one_error_line(train, tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert_one_error_line(train(tmp_path / "empty"), "has no train/ folder")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_data_folder_without_test_split_is_one_error_line(train, image_folder, tmp_path):
+    root = image_folder(test=1)
+    shutil.rmtree(root / "test")
+    assert_one_error_line(train(root), "missing folder", "test")
+
+
+def test_a_train_folder_without_class_folders_is_one_error_line(train, tmp_path):
+    (tmp_path / "flat" / "train").mkdir(parents=True)
+    (tmp_path / "flat" / "test").mkdir()
+    assert_one_error_line(train(tmp_path / "flat"), "has no class folders")
+
+
+def test_a_class_folder_with_no_images_is_one_error_line(train, image_folder, tmp_path):
+    root = image_folder()
+    (root / "train" / "purple").mkdir()
+    (root / "train" / "purple" / "notes.txt").write_text("no images here")
+    (root / "test" / "purple").mkdir()
+    assert_one_error_line(train(root), "class folder", "purple", "has no images")
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_and_test_class_sets_that_differ_are_one_error_line_naming_the_classes(train, image_folder):
+    root = image_folder()
+    (root / "test" / "blue").rename(root / "test" / "navy")
+    line = assert_one_error_line(train(root), "differ from train")
+    assert "navy" in line and "blue" in line
+
+
+@pytest.mark.filterwarnings("ignore:skipped")
+def test_a_class_folder_whose_only_images_are_unreadable_is_an_error(train, image_folder, tmp_path):
+    root = image_folder()
+    for png in (root / "train" / "red").iterdir():
+        png.write_bytes(b"not an image at all")
+    assert_one_error_line(train(root), "red")
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_a_corrupt_image_is_skipped_with_a_warning_and_training_still_works(train, image_folder, tmp_path):
+    root = image_folder()
+    (root / "train" / "red" / "junk.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.warns(UserWarning, match=r"skipped 1 unreadable image file\(s\) in .*train.*junk.png"):
+        result = train(root)
+    assert result.code == 0, result.err
+    train_ids = (tmp_path / "run" / "splits" / "train.txt").read_text()
+    val_ids = (tmp_path / "run" / "splits" / "val.txt").read_text()
+    assert "junk.png" not in train_ids + val_ids
+    assert len((train_ids + val_ids).splitlines()) == 24
+
+
+def test_a_truncated_image_in_the_test_split_is_skipped_and_counted(train, image_folder, tmp_path):
+    root = image_folder()
+    cut_in_half(root / "test" / "green" / "green_0.png")
+    cut_in_half(root / "test" / "green" / "green_1.png")
+    with pytest.warns(UserWarning, match=r"skipped 2 unreadable image file\(s\) in .*test"):
+        result = train(root)
+    assert result.code == 0, result.err
+    assert len((tmp_path / "run" / "splits" / "test.txt").read_text().splitlines()) == 9 - 2
+
+
+def test_with_no_check_images_a_corrupt_image_stops_the_run_naming_the_file(train, image_folder):
+    root = image_folder()
+    (root / "train" / "red" / "junk.png").write_bytes(b"not an image")
+    assert_one_error_line(train(root, "--no-check-images", "--epochs", "2"), "cannot read image", "junk.png")
+
+
+def test_after_fixing_the_corrupt_image_the_same_command_runs_in_the_same_folder(train, image_folder, tmp_path):
+    root = image_folder()
+    junk = root / "train" / "red" / "junk.png"
+    junk.write_bytes(b"not an image")
+    assert_one_error_line(train(root, "--no-check-images"), "junk.png")
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()  # it never trained
+    junk.unlink()
+    result = train(root, "--no-check-images")
+    assert result.code == 0, result.err
+    assert "junk.png" not in (tmp_path / "run" / "splits" / "train.txt").read_text()
+
+
+def test_with_data_loading_workers_a_corrupt_image_is_still_one_error_line(train, image_folder):
+    root = image_folder(train=4, test=1)
+    (root / "train" / "red" / "junk.png").write_bytes(b"not an image")
+    result = train(root, "--no-check-images", "--workers", "1", "--epochs", "2")
+    assert_one_error_line(result, "cannot read image", "junk.png")
+
+
+def test_non_image_files_in_class_folders_are_ignored(train, image_folder, tmp_path):
+    root = image_folder()
+    for split in ("train", "test"):
+        (root / split / "red" / "notes.txt").write_text("hello")
+        (root / split / "red" / ".DS_Store").write_bytes(b"\0\0")
+        (root / split / "red" / "labels.json").write_text("{}")
+    result = train(root)
+    assert result.code == 0, result.err
+    assert result.warning_lines == []
+    lists = "".join((tmp_path / "run" / "splits" / f"{s}.txt").read_text() for s in ("train", "val", "test"))
+    assert len(lists.splitlines()) == 3 * 8 + 3 * 3
+    assert ".txt" not in lists and ".json" not in lists and "DS_Store" not in lists
+
+
+def test_train_per_class_larger_than_a_class_has_is_one_error_line(train, image_folder, tmp_path):
+    root = image_folder(train=8)
+    line = assert_one_error_line(train(root, "--train-per-class", "20"), "has 8 images", "--train-per-class")
+    assert "'blue'" in line  # the first class is named
+    assert not (tmp_path / "run").exists()
+
+
+# --- model and checkpoint -----------------------------------------------------------------------------
+
+def test_an_unknown_model_name_is_one_error_line(train, image_folder, tmp_path):
+    root = image_folder()
+    assert_one_error_line(train(root, "--model", "resnet_that_does_not_exist"),
+                          "unknown model 'resnet_that_does_not_exist'")
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_unknown_torchvision_model_is_one_error_line(train, image_folder):
+    assert_one_error_line(train(image_folder(), "--model", "torchvision/resnet1000"), "resnet1000")
+
+
+def test_an_unknown_method_is_one_error_line(train, image_folder):
+    assert_one_error_line(train(image_folder(), "--method", "l3"), "unknown method 'l3'")
+
+
+def test_an_unknown_device_is_one_error_line(train, image_folder):
+    assert_one_error_line(train(image_folder(), "--device", "tpu"), "unknown device 'tpu'")
+
+
+def test_a_checkpoint_of_another_architecture_is_one_error_line(train, image_folder, tmp_path):
+    other = tmp_path / "efficientnet.pth"
+    torch.save(timm.create_model("test_efficientnet").state_dict(), other)
+    line = assert_one_error_line(train(image_folder(), "--checkpoint", other), "does not match the model")
+    assert str(other) in line and "missing" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_with_other_shapes_is_one_error_line(train, image_folder, tmp_path):
+    wider = tmp_path / "resnet_10_classes.pth"
+    torch.save(timm.create_model("test_resnet", num_classes=10).state_dict(), wider)
+    assert_one_error_line(train(image_folder(), "--checkpoint", wider), "of another shape", "fc.weight")
+
+
+@pytest.mark.parametrize("content, fragment", [
+    (b"this is a text file, not a checkpoint\n", "cannot read checkpoint"),
+    (None, "cannot read checkpoint"),  # a truncated torch file
+    ("list", "does not hold a state dict"),
+])
+def test_a_file_that_is_not_a_checkpoint_is_one_error_line(train, image_folder, tmp_path, content, fragment):
+    path = tmp_path / "weights.pth"
+    if content is None:
+        torch.save(timm.create_model("test_resnet").state_dict(), path)
+        cut_in_half(path)
+    elif content == "list":
+        torch.save([torch.zeros(3)], path)
+    else:
+        path.write_bytes(content)
+    assert_one_error_line(train(image_folder(), "--checkpoint", path), fragment, str(path))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_missing_checkpoint_file_is_one_error_line(train, image_folder, tmp_path):
+    assert_one_error_line(train(image_folder(), "--checkpoint", tmp_path / "nope.pth"), "not found", "nope.pth")
+
+
+# --- run directories ----------------------------------------------------------------------------------
+
+def test_a_run_directory_holding_a_different_run_is_refused_and_left_unchanged(train, image_folder, tmp_path):
+    root = image_folder()
+    assert train(root, "--lr", "0.01").code == 0
+    run = tmp_path / "run"
+    before = snapshot(run)
+    assert {"summary.json", "checkpoint.pt", "config.yaml", "metrics.jsonl"} <= set(before)
+    line = assert_one_error_line(train(root, "--lr", "0.02"), "holds a different run", "lr")
+    assert str(run) in line
+    assert snapshot(run) == before
+
+
+def test_a_non_empty_folder_that_is_not_a_run_is_refused_and_left_unchanged(train, image_folder, tmp_path):
+    out = tmp_path / "thesis"
+    out.mkdir()
+    (out / "chapter1.tex").write_text("precious")
+    assert_one_error_line(train(image_folder(), out=out), "not empty")
+    assert snapshot(out) == {"chapter1.tex": b"precious"}
+
+
+def test_rerunning_the_identical_finished_command_reuses_the_run(train, image_folder, tmp_path, monkeypatch):
+    root = image_folder()
+    first = train(root)
+    assert first.code == 0
+    before = snapshot(tmp_path / "run")
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(deltatl.run, "fit", no_training)
+    second = train(root)
+    assert second.code == 0, second.err
+    assert second.out == first.out  # the same result table
+    assert "test top-1 %" in second.out
+    assert snapshot(tmp_path / "run") == before
+
+
+def test_an_unfinished_run_needs_resume_and_then_finishes(train, image_folder, tmp_path, monkeypatch):
+    root = image_folder()
+    forward = Objective.forward
+    calls = []
+
+    def interrupt_on_first_step(self, images, labels):
+        if not calls:
+            assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler, "fit() handles SIGINT"
+            os.kill(os.getpid(), signal.SIGINT)
+        calls.append(1)
+        return forward(self, images, labels)
+
+    monkeypatch.setattr(Objective, "forward", interrupt_on_first_step)
+    interrupted = train(root, "--epochs", "2")
+    assert interrupted.code == 130, interrupted.err
+    assert "--resume" in interrupted.err
+    run = tmp_path / "run"
+    assert (run / "checkpoint.pt").exists() and not (run / "summary.json").exists()
+    before = snapshot(run)
+
+    again = train(root, "--epochs", "2")
+    assert_one_error_line(again, "unfinished run", "--resume")
+    assert snapshot(run) == before
+
+    resumed = train(root, "--epochs", "2", "--resume")
+    assert resumed.code == 0, resumed.err
+    assert (run / "summary.json").exists()
+    assert len(calls) == 2 * (18 // 4)  # two epochs of 18 training images in batches of 4, no step repeated
+
+
+# --- a real process -----------------------------------------------------------------------------------
+
+def run_process(*argv, cwd):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "deltatl", *map(str, argv)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_a_real_process_prints_one_error_line_without_traceback(tmp_path, tiny_train_args):
+    proc = run_process("train", "--data", "missing-folder", *tiny_train_args, "--out", "run", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines() == [
+        "deltatl: error: --data 'missing-folder' is neither a dataset name (fashion-mnist) nor an existing folder"]
+    assert proc.stdout == ""
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_real_process_warns_about_a_corrupt_image_on_one_line_and_trains(tmp_path, image_folder,
+                                                                            tiny_train_args):
+    root = image_folder()
+    (root / "train" / "red" / "junk.png").write_bytes(b"not an image")
+    proc = run_process("train", "--data", root, *tiny_train_args, "--out", "run", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("deltatl: warning:")]
+    assert warnings == [f"deltatl: warning: skipped 1 unreadable image file(s) in {root}/train "
+                        f"(first: train/red/junk.png)"]
+    assert "test top-1 %" in proc.stdout
+    assert (tmp_path / "run" / "summary.json").exists()
