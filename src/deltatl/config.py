@@ -64,8 +64,13 @@ class TrainConfig:
     weight_decay: float | None = None  # None: the method's default
     schedule: str = "step"
     seed: int = 0
+    # precision and DDP (change the result): autocast dtype; under torchrun, global-batch BatchNorm
+    amp: str = "none"
+    sync_bn: bool = False
     # execution (does not change the result, apart from floating-point noise across devices)
     device: str = "auto"
+    channels_last: bool = False
+    compile: bool = False
     workers: int = 0
     eval_every: int = 1
     out: str | None = None
@@ -87,6 +92,8 @@ class TrainConfig:
             raise DeltatlError("--rifle must be >= 0")
         if self.delta_reduction not in ("sum", "mean"):
             raise DeltatlError("--delta-reduction must be sum or mean")
+        if self.amp not in ("none", "bf16", "fp16"):
+            raise DeltatlError("--amp must be none, bf16 or fp16")
         if self.attention_method not in ("exact", "first_order", "naive"):
             raise DeltatlError("--attention-method must be exact, first_order or naive")
         if self.lr <= 0:
@@ -98,7 +105,7 @@ class TrainConfig:
 
     def result_fields(self) -> dict[str, Any]:
         """The fields that define what a run computes (compared when a run directory is reused)."""
-        skip = {"device", "workers", "out", "attention_cache"}
+        skip = {"device", "workers", "out", "attention_cache", "channels_last", "compile"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 

@@ -15,6 +15,7 @@ import torch
 from .config import TrainConfig, dump_yaml, read_run_config
 from .data import DATASETS, DataSplits, TransformedImages, load_splits
 from .data.transforms import eval_transform, train_transform
+from .distributed import SINGLE, DistEnv, init_from_env
 from .engine.fit import CHECKPOINT, SUMMARY, epoch_steps, fit
 from .attention import normalize_scores, read_scores, write_scores
 from .engine.channel_attention import (cache_key, cached_channel_attention, estimate_channel_attention,
@@ -63,17 +64,31 @@ def open_splits(config: TrainConfig, progress: bool = True) -> DataSplits:
                        test_per_class=config.test_per_class, seed=config.seed, check_images=config.check_images, progress=progress)
 
 
+def seeded_model(config: TrainConfig, num_classes: int) -> torch.nn.Module:
+    """The starting point (source weights + new head) drawn from ``--seed``, not from the global RNG,
+    so that the same command gives the same run and cached attention stays valid."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return create_model(config.model, num_classes, pretrained=config.pretrained,
+                            checkpoint=config.checkpoint, head_init=config.head_init)
+
+
 def _prepare_run_dir(run_dir: str, config: TrainConfig, resume: bool) -> dict[str, Any] | None:
     """Refuse to mix two runs in one folder; return the summary if this exact run already finished."""
     config_path = os.path.join(run_dir, CONFIG_FILE)
     if os.path.isfile(config_path):
         previous = read_run_config(config_path)
         current = config.result_fields()
-        changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
-        if changed:
+        defaults = TrainConfig().result_fields()  # a setting added after the run was written: its default
+        changed = sorted(k for k in set(previous) | set(current)
+                         if previous.get(k, defaults.get(k)) != current.get(k, defaults.get(k)))
+        started = any(os.path.isfile(os.path.join(run_dir, f)) for f in (CHECKPOINT, SUMMARY))
+        if changed and started:
             raise DeltatlError(f"{run_dir} holds a different run (differs in: {', '.join(changed)}); "
                                f"choose another --out")
         summary_path = os.path.join(run_dir, SUMMARY)
+        if changed:  # recorded, but stopped before training (e.g. a refused setting): start afresh
+            return None
         if os.path.isfile(summary_path):
             with open(summary_path) as f:
                 return json.load(f)
@@ -88,33 +103,38 @@ def train_run(config: TrainConfig, *, resume: bool = False, progress: bool = Tru
     """Run (or resume, or reuse) the training run described by ``config``; return its summary."""
     method = get_method(config.method)
     run_dir = config.out or default_out(config)
-    finished = _prepare_run_dir(run_dir, config, resume)
+    # Under torchrun: join the process group; rank 0 alone checks and writes the run directory.
+    dist, device = init_from_env(resolve_device(config.device))
+    progress = progress and dist.is_primary
+    finished = dist.on_rank0(lambda: _prepare_run_dir(run_dir, config, resume))
     if finished is not None:
         return {**finished, "reused": True}
-    device = resolve_device(config.device)
     splits = open_splits(config, progress)
-    model = create_model(config.model, len(splits.classes), pretrained=config.pretrained,
-                         checkpoint=config.checkpoint, head_init=config.head_init)
-    os.makedirs(run_dir, exist_ok=True)
-    lists_dir = os.path.join(run_dir, "splits")
-    if os.path.isfile(os.path.join(run_dir, CHECKPOINT)):
-        splits.check_lists(lists_dir)
-    splits.write_lists(lists_dir)
-    dump_yaml(config, os.path.join(run_dir, CONFIG_FILE))
+    model = seeded_model(config, len(splits.classes))
+
+    def record_run() -> None:
+        os.makedirs(run_dir, exist_ok=True)
+        lists_dir = os.path.join(run_dir, "splits")
+        if os.path.isfile(os.path.join(run_dir, CHECKPOINT)):
+            splits.check_lists(lists_dir)
+        splits.write_lists(lists_dir)
+        dump_yaml(config, os.path.join(run_dir, CONFIG_FILE))
+
+    spe = epoch_steps(len(splits.train), config.batch_size * dist.world_size)  # --batch-size is per process
+    total_steps = config.iters or (config.epochs or TrainConfig.DEFAULT_EPOCHS) * spe
+    rifle = None
+    if config.rifle:  # checked before anything is written, so a refused count leaves --out free
+        rifle = Rifle(head_module(model), rifle_steps(total_steps, config.rifle, None if config.iters else spe),
+                      seed=config.seed, init=config.head_init, reset_momentum=config.rifle_reset_momentum,
+                      cyclic_lr=config.rifle_cyclic_lr)
+    dist.on_rank0(record_run)
 
     pre = preprocessing(model)
     train_set = TransformedImages(splits.train, train_transform(config.image_size, pre, config.resize),
                                   seed=config.seed)
     val_set = TransformedImages(splits.val, eval_transform(config.image_size, pre, config.resize))
     test_set = TransformedImages(splits.test, eval_transform(config.image_size, pre, config.resize))
-    spe = epoch_steps(len(splits.train), config.batch_size)
-    total_steps = config.iters or (config.epochs or TrainConfig.DEFAULT_EPOCHS) * spe
-    objective = build_objective(config, model, train_set, run_dir, device, progress)
-    rifle = None
-    if config.rifle:
-        rifle = Rifle(head_module(model), rifle_steps(total_steps, config.rifle, None if config.iters else spe),
-                      seed=config.seed, init=config.head_init, reset_momentum=config.rifle_reset_momentum,
-                      cyclic_lr=config.rifle_cyclic_lr)
+    objective = build_objective(config, model, train_set, run_dir, device, progress, dist)
     run_info = {"method": config.method, "model": config.model, "data": config.data, "rifle": config.rifle,
                 "alpha": config.alpha if method.starting_point or method.feature_maps else None,
                 "classes": splits.classes, "config": config.result_fields()}
@@ -123,7 +143,28 @@ def train_run(config: TrainConfig, *, resume: bool = False, progress: bool = Tru
                momentum=config.momentum,
                weight_decay=method.weight_decay if config.weight_decay is None else config.weight_decay,
                schedule=config.schedule, device=device, seed=config.seed, num_workers=config.workers,
-               eval_every=config.eval_every, rifle=rifle, resume=resume, progress=progress, run_info=run_info)
+               eval_every=config.eval_every, rifle=rifle, resume=resume, progress=progress, run_info=run_info,
+               dist=dist, amp=config.amp, channels_last=config.channels_last, compile_model=config.compile,
+               sync_bn=config.sync_bn)
+
+
+def attention_run(config: TrainConfig, output: str, *, progress: bool = True) -> dict[str, torch.Tensor]:
+    """``deltatl attention``: the raw channel scores of ``config``'s data and model, written to ``output``.
+
+    Uses and fills the same cache as ``train --method delta``; the L2-FE step works in ``config.out``.
+    """
+    device = resolve_device(config.device)
+    splits = open_splits(config, progress)
+    model = seeded_model(config, len(splits.classes))
+    pre = preprocessing(model)
+    train_set = TransformedImages(splits.train, train_transform(config.image_size, pre, config.resize),
+                                  seed=config.seed)
+    layers = delta_layers(config, model)
+    work_dir = config.out or os.path.join("runs", "attention")
+    raw = channel_attention_scores_for(config, model, layers, train_set, work_dir, device, progress)
+    write_scores(output, raw, {"model": config.model, "data": config.data, "layers": layers,
+                               "method": config.attention_method})
+    return raw
 
 
 def delta_layers(config: TrainConfig, model: torch.nn.Module) -> list[str]:
@@ -159,27 +200,36 @@ def channel_attention_scores_for(config: TrainConfig, model: torch.nn.Module, la
               "batch_size": config.attention_batch_size, "bn_train": config.attention_bn_train,
               "method": config.attention_method, "version": 1}
 
+    key = cache_key(fields, train_set.images)
+
     def compute() -> dict[str, torch.Tensor]:
         return estimate_channel_attention(
-            model, layers, train_set, work_dir=os.path.join(run_dir, "attention_fe"), device=device,
+            model, layers, train_set, work_dir=os.path.join(run_dir, "attention_fe", key), device=device,
             seed=config.seed, epochs=config.attention_epochs, lr=config.attention_lr,
             num_batches=config.attention_batches, batch_size=config.attention_batch_size,
             bn_train=config.attention_bn_train, method=config.attention_method, num_workers=config.workers,
             progress=progress)
 
-    return cached_channel_attention(config.attention_cache, cache_key(fields, train_set.images), layers,
+    return cached_channel_attention(config.attention_cache, key, layers,
                                     channels, compute, fields)
 
 
 def build_objective(config: TrainConfig, model: torch.nn.Module, train_set: TransformedImages, run_dir: str,
-                    device: torch.device, progress: bool) -> Objective:
-    """The method's objective; for ``delta`` this computes (or reuses) the channel attention first."""
+                    device: torch.device, progress: bool, dist: DistEnv = SINGLE) -> Objective:
+    """The method's objective; for ``delta`` this computes (or reuses) the channel attention first.
+
+    Under DDP the attention is computed (or read) by rank 0 alone and sent to the other processes, and
+    DELTA's summed term is scaled by the world size (DDP averages the processes' gradients).
+    """
     method = get_method(config.method)
     layers = delta_layers(config, model) if method.feature_maps else None
     weights = None
     if method.attention:
-        raw = channel_attention_scores_for(config, model, layers, train_set, run_dir, device, progress)
-        write_scores(os.path.join(run_dir, "attention.json"), raw, {"layers": layers})
+        raw = dist.on_rank0(lambda: channel_attention_scores_for(config, model, layers, train_set, run_dir,
+                                                                 device, progress))
+        if dist.is_primary:
+            write_scores(os.path.join(run_dir, "attention.json"), raw, {"layers": layers})
         weights = normalize_scores(raw, config.attention_temperature)
     return Objective(model, config.method, alpha=config.alpha, beta=config.beta, layers=layers,
-                     channel_weights=weights, reduction=config.delta_reduction)
+                     channel_weights=weights, reduction=config.delta_reduction,
+                     distance_scale=dist.world_size if config.delta_reduction == "sum" else 1.0)

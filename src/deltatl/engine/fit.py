@@ -1,9 +1,32 @@
 """``fit()``: the one training loop, used by the CLI, the tests and the searches.
 
 It owns the epochs, the learning-rate schedule, evaluation, ``metrics.jsonl``, checkpoints and resuming.
-A run interrupted by SIGINT or SIGTERM stops after the current step, writes a checkpoint and raises
-:class:`Interrupted`; ``fit(..., resume=True)`` then continues and reaches exactly the result of an
-uninterrupted run (same data order, same augmentation draws, same dropout draws).
+A run interrupted by SIGINT or SIGTERM stops after the current step (at an epoch's last step, after
+logging and validating that epoch), writes a checkpoint and raises :class:`Interrupted`;
+``fit(..., resume=True)`` then continues and reaches exactly the result of an uninterrupted run (same
+data order, same augmentation draws, same dropout draws).
+
+Distributed data parallel (``dist`` from :func:`deltatl.distributed.init_from_env`): ``batch_size`` is
+the batch of one process and a step consumes ``world_size * batch_size`` images; only the target
+network is wrapped; every process stops at the same step (the stop flag is agreed on with one small
+all-reduce every ``sync_every`` steps and at every epoch end); only rank 0 writes files. See
+:mod:`deltatl.distributed`.
+
+Speed switches, all off by default because each changes the floating-point result or costs a
+compilation (measured on a 2-core CPU, where bf16 autocast is no faster than float32):
+
+- ``amp="bf16"``: autocast the networks' forward passes (target, source) to bfloat16, no scaler.
+  ``amp="fp16"``: float16 with a :class:`torch.amp.GradScaler` (its inf check syncs the host each
+  step). Only the networks run under autocast (:func:`autocast_networks`): the logits come out in
+  float32 and the cross-entropy and regularizer terms are computed outside autocast, in float32 (a
+  blanket autocast would run DELTA's channel weighting, a matrix product, in low precision).
+- ``channels_last``: the networks and the images in channels-last memory format (faster convolutions
+  on recent GPUs).
+- ``compile_model``: ``torch.compile`` the target network (before the DDP wrap; the feature hooks are
+  registered before compilation and never change).
+
+The hot loop has no host synchronisation except at logging steps (``log_every``, rank 0, only when
+the progress bar is shown), at epoch ends, and for the DDP stop flag (see ``sync_every``).
 """
 from __future__ import annotations
 
@@ -18,10 +41,13 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from ..data import TransformedImages
+from ..distributed import SINGLE, DistEnv, convert_sync_batchnorm
 from ..errors import DeltatlError
 from . import checkpoint as ckpt
 from .evaluate import evaluate
@@ -32,6 +58,10 @@ from .schedule import create_schedule
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
+AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Process r of a DDP run seeds its global RNG (dropout) with seed + r * stride: the processes draw
+# different dropout masks for their different images, and rank 0 draws those of a single-process run.
+RANK_SEED_STRIDE = 1_000_003
 
 
 class Interrupted(Exception):
@@ -39,21 +69,40 @@ class Interrupted(Exception):
 
 
 class EpochSampler(Sampler[int]):
-    """A random permutation that depends only on ``(seed, epoch)``, read from position ``start``."""
+    """A random permutation that depends only on ``(seed, epoch)``, read from position ``start``.
 
-    def __init__(self, n: int, seed: int, epoch: int, start: int = 0):
+    Under DDP (``world_size > 1``) the permutation is cut, from ``start`` on, into global batches of
+    ``world_size * batch_size`` consecutive positions, and process ``rank`` gets slice ``rank`` of each
+    complete global batch (``batch_size`` positions): in every step the processes' batches are
+    disjoint and together are exactly the batch of a single process with batch size
+    ``world_size * batch_size``. An incomplete last global batch is dropped, as a single process drops
+    its incomplete last batch.
+    """
+
+    def __init__(self, n: int, seed: int, epoch: int, start: int = 0, *, batch_size: int = 1, rank: int = 0,
+                 world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside a world of {world_size}")
         self.n, self.seed, self.epoch, self.start = n, seed, epoch, start
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
 
     def __iter__(self) -> Iterator[int]:
         order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
-        return iter(order[self.start:].tolist())
+        if self.world_size == 1:
+            return iter(order[self.start:].tolist())
+        b, g = self.batch_size, self.batch_size * self.world_size
+        first = self.start + self.rank * b
+        mine = [order[first + k * g: first + k * g + b] for k in range((self.n - self.start) // g)]
+        return iter(np.concatenate(mine).tolist() if mine else [])
 
     def __len__(self) -> int:
-        return self.n - self.start
+        if self.world_size == 1:
+            return self.n - self.start
+        return (self.n - self.start) // (self.batch_size * self.world_size) * self.batch_size
 
 
 def epoch_steps(n_train: int, batch_size: int) -> int:
-    """Steps in one epoch: full batches only (BatchNorm must never see a batch of one)."""
+    """Steps in one epoch of (global) batches: full batches only (BatchNorm must never see a batch of one)."""
     return max(1, n_train // batch_size)
 
 
@@ -76,6 +125,44 @@ def _stop_on_signals() -> Iterator[dict[str, int]]:
             signal.signal(s, h)
 
 
+class AutocastForward(nn.Module):
+    """Runs ``inner`` under autocast and returns its floating-point output in float32, so that what
+    is computed from it (the loss) is computed in float32 and outside autocast."""
+
+    def __init__(self, inner: nn.Module, device_type: str, dtype: torch.dtype):
+        super().__init__()
+        self.inner, self.device_type, self.dtype = inner, device_type, dtype
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(device_type=self.device_type, dtype=self.dtype):
+            out = self.inner(*args, **kwargs)
+        return out.float() if isinstance(out, Tensor) and out.is_floating_point() else out
+
+
+@contextmanager
+def _training_networks(objective: Objective, net: nn.Module, device_type: str,
+                       amp_dtype: torch.dtype | None) -> Iterator[None]:
+    """Put ``net`` (the target, possibly compiled and DDP-wrapped) in place of ``objective.model``,
+    both networks under autocast if ``amp_dtype``; restore the bare networks on exit. The hooks,
+    the L2-SP parameters and RIFLE's head are inner modules and parameters, unaffected."""
+    bare, source = objective.model, getattr(objective, "source", None)
+    objective.model = AutocastForward(net, device_type, amp_dtype) if amp_dtype else net
+    if source is not None and amp_dtype:
+        objective.source = AutocastForward(source, device_type, amp_dtype)
+    try:
+        yield
+    finally:
+        objective.model = bare
+        if source is not None:
+            objective.source = source
+
+
+def autocast_networks(objective: Objective, device_type: str, dtype: torch.dtype) -> Any:
+    """Context manager: ``objective``'s forward with its networks under autocast (what ``fit`` does
+    with ``amp``); the loss terms stay float32."""
+    return _training_networks(objective, objective.model, device_type, dtype)
+
+
 def _append_metrics(path: str, row: dict[str, Any]) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
@@ -96,120 +183,199 @@ def _truncate_metrics(path: str, last_step: int) -> None:
 
 def fit(objective: Objective, train_set: TransformedImages, val_set: Dataset | None, test_set: Dataset | None,
         *, run_dir: str, total_steps: int, batch_size: int, lr: float, momentum: float = 0.9,
-        weight_decay: float = 0.0, schedule: str = "step", decay_fraction: float = 2 / 3, device: torch.device = torch.device("cpu"),
-        seed: int = 0, num_workers: int = 0, eval_every: int = 1, log_every: int = 10,
-        rifle: Rifle | None = None, resume: bool = False, progress: bool = True,
-        run_info: dict[str, Any] | None = None) -> dict[str, Any]:
+        weight_decay: float = 0.0, schedule: str = "step", decay_fraction: float = 2 / 3,
+        device: torch.device = torch.device("cpu"), seed: int = 0, num_workers: int = 0, eval_every: int = 1,
+        log_every: int = 10, rifle: Rifle | None = None, resume: bool = False, progress: bool = True,
+        run_info: dict[str, Any] | None = None, dist: DistEnv = SINGLE, amp: str = "none",
+        channels_last: bool = False, compile_model: bool = False, sync_bn: bool = False,
+        sync_every: int | None = None) -> dict[str, Any]:
     """Train ``objective`` with SGD for ``total_steps`` steps and evaluate it.
 
     Validation accuracy is measured every ``eval_every`` epochs and at the end; the test set is
     evaluated exactly once, at the end, on the final model (never used for any choice).
 
     Args:
-        run_dir: where ``checkpoint.pt``, ``metrics.jsonl`` and ``summary.json`` are written.
-        total_steps: optimisation steps; an epoch is ``len(train_set) // batch_size`` steps (the last
-            incomplete batch is dropped so BatchNorm never sees a batch of one).
+        run_dir: where ``checkpoint.pt``, ``metrics.jsonl`` and ``summary.json`` are written (by rank 0).
+        total_steps: optimisation steps; an epoch is ``len(train_set) // (world_size * batch_size)``
+            steps (the last incomplete batch is dropped so BatchNorm never sees a batch of one).
+        batch_size: images per step *and process*; the global batch is ``world_size * batch_size``.
         decay_fraction: where the step schedule divides the rate by 10 (exp: where it reaches /10).
         rifle: re-initialise the head at the given steps (RIFLE); see :mod:`deltatl.engine.rifle`.
         run_info: stored in the checkpoint and the summary (method, model, classes, config...).
+        dist: the process's place in a DDP job (every process calls ``fit`` with the same arguments).
+            The objective must have been built with ``distance_scale=world_size`` for DELTA's
+            ``reduction="sum"``.
+        amp: ``"none"``, ``"bf16"`` or ``"fp16"`` (autocast; fp16 with a gradient scaler).
+        channels_last: channels-last memory format for the networks and the images.
+        compile_model: ``torch.compile`` the target network.
+        sync_bn: under DDP, BatchNorm statistics of the global batch instead of each process's slice
+            (needed for a step to equal the single-process step on the global batch).
+        sync_every: under DDP, agree on the stop flag every this many steps (and at every epoch end).
+            Default: every step on the CPU (one all-reduce of one int, well under a millisecond with
+            gloo), every ``log_every`` steps on CUDA (where reading the flag waits for the GPU).
 
     Returns:
         The summary: ``val_top1``, ``test_top1`` (percent), losses, ``epochs``, ``steps``, ``seconds``.
     """
-    os.makedirs(run_dir, exist_ok=True)
+    primary, world = dist.is_primary, dist.world_size
     ckpt_path, metrics_path = os.path.join(run_dir, CHECKPOINT), os.path.join(run_dir, METRICS)
     n_train = len(train_set)
     if n_train == 0:
         raise DeltatlError("the training split is empty")
+    if dist.enabled and n_train < batch_size * world:
+        raise DeltatlError(f"the training split has {n_train} images, fewer than one global batch of "
+                           f"{world} processes x {batch_size}: lower --batch-size")
+    if amp not in AMP_DTYPES:
+        raise DeltatlError(f"unknown --amp '{amp}' (choose from {', '.join(AMP_DTYPES)})")
+    amp_dtype = AMP_DTYPES[amp]
     drop_last = n_train >= batch_size
-    steps_per_epoch = epoch_steps(n_train, batch_size)
+    steps_per_epoch = epoch_steps(n_train, batch_size * world)
     epochs = math.ceil(total_steps / steps_per_epoch)
+    if sync_every is None:
+        sync_every = log_every if device.type == "cuda" else 1
+    if primary:
+        os.makedirs(run_dir, exist_ok=True)
 
-    ckpt.seed_everything(seed)
+    ckpt.seed_everything(seed + RANK_SEED_STRIDE * dist.rank)
     objective.to(device)
+    # Target, source, L2-SP starting point and attention: rank 0's on every process.
+    dist.broadcast_module_(objective)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    if channels_last:
+        objective.to(memory_format=torch.channels_last)
     # The head is the last parameter group, so RIFLE's cyclic schedule can address it alone.
     optimizer = torch.optim.SGD(objective.param_groups(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     scheduler = create_schedule(optimizer, schedule, total_steps, steps_per_epoch, decay_fraction)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     step, elapsed = 0, 0.0
     sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64, device=device))
-    if resume and os.path.isfile(ckpt_path):
+    if dist.broadcast_object(resume and os.path.isfile(ckpt_path)):
         state = ckpt.load(ckpt_path)
+        if state.get("world_size", 1) != world:
+            raise DeltatlError(f"{ckpt_path} was written by {state.get('world_size', 1)} process(es); resume it "
+                               f"with as many (torchrun --nproc_per_node), not {world}")
         objective.model.load_state_dict(state["model"])
         objective.load_regularizer_state(state["regularizer"])
         optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         step, elapsed = state["step"], state["seconds"]
         for k, v in state["epoch_sums"].items():
             sums[k] = v.to(device)
-        ckpt.set_rng_state(state["rng"])
-        _truncate_metrics(metrics_path, step)
-    elif os.path.isfile(metrics_path):
+        ckpt.set_rng_state(state.get("rng_per_rank", [state["rng"]])[dist.rank])
+        if primary:
+            _truncate_metrics(metrics_path, step)
+    elif primary and os.path.isfile(metrics_path):
         os.remove(metrics_path)
 
+    bare = objective.model
+    if sync_bn and dist.enabled:
+        convert_sync_batchnorm(bare)
+    # Only the target network is compiled and wrapped; hooks, L2-SP and RIFLE hold its inner modules
+    # and parameters, which neither wrapper replaces.
+    net = torch.compile(bare) if compile_model else bare
+    if dist.enabled:
+        net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def reduce_sums() -> None:
+        """Collective: every running sum becomes the mean of the processes' (the count is the same)."""
+        if dist.enabled and sums:
+            keys = sorted(sums)
+            packed = dist.all_reduce_sum_(torch.stack([sums[k] for k in keys])) / world
+            sums.update(zip(keys, packed.unbind()))
+
     def save(done: bool = False) -> None:
-        ckpt.save_atomic({"model": objective.model.state_dict(), "regularizer": objective.regularizer_state(),
-                          "optimizer": optimizer.state_dict(),
-                          "step": step, "seconds": elapsed + time.perf_counter() - started,
-                          "epoch_sums": {k: v.cpu() for k, v in sums.items()}, "rng": ckpt.rng_state(),
-                          "run_info": run_info or {}, "done": done}, ckpt_path)
+        """Collective (the RNG states of all processes are gathered); rank 0 writes."""
+        rng = dist.gather_object(ckpt.rng_state())
+        if not primary:
+            return
+        state = {"model": bare.state_dict(), "regularizer": objective.regularizer_state(),
+                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                 "step": step, "seconds": elapsed + time.perf_counter() - started,
+                 "epoch_sums": {k: v.cpu() for k, v in sums.items()}, "rng": rng[0],
+                 "world_size": world, "run_info": run_info or {}, "done": done}
+        if dist.enabled:
+            state["rng_per_rank"] = rng
+        ckpt.save_atomic(state, ckpt_path)
 
     def eval_split(dataset: Dataset | None, name: str) -> dict[str, float]:
         if dataset is None or len(dataset) == 0:
             return {}
-        return evaluate(objective.model, dataset, batch_size=batch_size, device=device,
-                        num_workers=num_workers, desc=name, progress=progress)
+        if dist.enabled:  # DDP leaves each process with its own last BatchNorm update: use rank 0's
+            dist.broadcast_tensors_(list(bare.buffers()))
+        return evaluate(bare, dataset, batch_size=batch_size, device=device, num_workers=num_workers, desc=name,
+                        progress=progress, dist=dist, amp_dtype=amp_dtype, channels_last=channels_last)
 
     started = time.perf_counter()
-    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=None if progress else True,
-               dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
+               disable=None if progress and primary else True)
     val: dict[str, float] = {}
-    with _stop_on_signals() as stop:
-        while step < total_steps:
-            epoch, start = divmod(step, steps_per_epoch)
-            train_set.set_epoch(epoch)
-            objective.train()  # again after each evaluation, which put the model in eval mode
-            loader = DataLoader(train_set, batch_size=batch_size, drop_last=drop_last,
-                                sampler=EpochSampler(n_train, seed, epoch, start * batch_size),
-                                num_workers=num_workers, pin_memory=device.type == "cuda")
-            for images, labels in loader:
-                scheduler.step_update(step)
-                if rifle is not None and rifle.cyclic_lr:
-                    optimizer.param_groups[-1]["lr"] = lr * rifle.head_lr_factor(step, total_steps)
-                images = images.to(device, non_blocking=True)
-                labels = labels.to(device, non_blocking=True)
-                out = objective(images, labels)
-                optimizer.zero_grad(set_to_none=True)
-                out["loss"].backward()
-                optimizer.step()
-                for key, value in out.items():
-                    if key != "logits":
-                        sums[key] += value.detach().double()
-                sums["count"] += 1
-                step += 1
-                bar.update(1)
-                if rifle is not None and rifle.after_step(step, optimizer):
-                    _append_metrics(metrics_path, {"step": step, "event": "rifle"})
-                if step % log_every == 0:  # the only host sync of the hot loop
-                    bar.set_postfix(loss=f"{(sums['loss'] / sums['count']).item():.3f}")
-                if stop or step >= total_steps or step % steps_per_epoch == 0:
-                    break
-            if stop:
+    try:
+        with _training_networks(objective, net, device.type, amp_dtype), _stop_on_signals() as stop:
+            while step < total_steps:
+                epoch, start = divmod(step, steps_per_epoch)
+                train_set.set_epoch(epoch)
+                objective.train()  # again after each evaluation, which put the model in eval mode
+                sampler = EpochSampler(n_train, seed, epoch, start * batch_size * world, batch_size=batch_size,
+                                       rank=dist.rank, world_size=world)
+                loader = DataLoader(train_set, batch_size=batch_size, drop_last=drop_last, sampler=sampler,
+                                    num_workers=num_workers, pin_memory=device.type == "cuda")
+                stopping = False
+                for images, labels in loader:
+                    scheduler.step_update(step)
+                    if rifle is not None and rifle.cyclic_lr:
+                        optimizer.param_groups[-1]["lr"] = lr * rifle.head_lr_factor(step, total_steps)
+                    images = images.to(device, non_blocking=True, memory_format=fmt)
+                    labels = labels.to(device, non_blocking=True)
+                    out = objective(images, labels)
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(out["loss"]).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                    for key, value in out.items():
+                        if key != "logits":
+                            sums[key] += value.detach().double()
+                    sums["count"] += 1
+                    step += 1
+                    bar.update(1)
+                    # Identical on every process: the generator is seeded by (seed, event).
+                    if rifle is not None and rifle.after_step(step, optimizer) and primary:
+                        _append_metrics(metrics_path, {"step": step, "event": "rifle"})
+                    if step % log_every == 0 and not bar.disable:  # a host sync, at logging steps only
+                        bar.set_postfix(loss=f"{(sums['loss'] / sums['count']).item():.3f}")
+                    boundary = step >= total_steps or step % steps_per_epoch == 0
+                    if not dist.enabled:
+                        stopping = bool(stop)
+                    elif boundary or step % sync_every == 0:
+                        stopping = dist.any(bool(stop), device)
+                    if stopping or boundary:
+                        break
+                epoch_done = step % steps_per_epoch == 0 or step >= total_steps
+                if stopping and not epoch_done:
+                    reduce_sums()
+                    save()
+                    raise Interrupted(f"interrupted at step {step}/{total_steps}; checkpoint saved in {run_dir}")
+                if not epoch_done:
+                    continue
+                epoch = math.ceil(step / steps_per_epoch)
+                row: dict[str, Any] = {"epoch": epoch, "step": step, "lr": optimizer.param_groups[0]["lr"]}
+                reduce_sums()
+                count = sums.pop("count")
+                row.update({f"train/{k}": (v / count).item() for k, v in sums.items()})
+                sums.clear()
+                if epoch % eval_every == 0 or step >= total_steps:
+                    val = eval_split(val_set, "val")
+                    row.update({f"val/{k}": v for k, v in val.items() if k != "n"})
+                row["seconds"] = elapsed + time.perf_counter() - started
+                if primary:
+                    _append_metrics(metrics_path, row)
                 save()
-                bar.close()
-                raise Interrupted(f"interrupted at step {step}/{total_steps}; checkpoint saved in {run_dir}")
-            epoch_done = step % steps_per_epoch == 0 or step >= total_steps
-            if not epoch_done:
-                continue
-            epoch = math.ceil(step / steps_per_epoch)
-            row: dict[str, Any] = {"epoch": epoch, "step": step, "lr": optimizer.param_groups[0]["lr"]}
-            count = sums.pop("count")
-            row.update({f"train/{k}": (v / count).item() for k, v in sums.items()})
-            sums.clear()
-            if epoch % eval_every == 0 or step >= total_steps:
-                val = eval_split(val_set, "val")
-                row.update({f"val/{k}": v for k, v in val.items() if k != "n"})
-            row["seconds"] = elapsed + time.perf_counter() - started
-            _append_metrics(metrics_path, row)
-            save()
+                if stopping:  # on an epoch's last step: that epoch is logged and validated first
+                    raise Interrupted(f"interrupted at step {step}/{total_steps}; checkpoint saved in {run_dir}")
+    except Interrupted:
+        bar.close()
+        dist.barrier()  # nobody exits (and makes torchrun stop the others) before rank 0 has saved
+        raise
     bar.close()
     if not val:
         val = eval_split(val_set, "val")
@@ -218,10 +384,12 @@ def fit(objective: Objective, train_set: TransformedImages, val_set: Dataset | N
     summary = {**(run_info or {}),
                "val_top1": val.get("top1"), "val_loss": val.get("loss"),
                "test_top1": test.get("top1"), "test_loss": test.get("loss"),
-               "epochs": epochs, "steps": total_steps, "train_images": n_train, "seconds": round(seconds, 2)}
+               "epochs": epochs, "steps": total_steps, "train_images": n_train, "world_size": world,
+               "seconds": round(seconds, 2)}
     save(done=True)
-    tmp = os.path.join(run_dir, f"{SUMMARY}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(summary, f, indent=2)
-    os.replace(tmp, os.path.join(run_dir, SUMMARY))
+    if primary:
+        tmp = os.path.join(run_dir, f"{SUMMARY}.tmp")
+        with open(tmp, "w") as f:
+            json.dump(summary, f, indent=2)
+        os.replace(tmp, os.path.join(run_dir, SUMMARY))
     return summary

@@ -1,0 +1,182 @@
+"""``deltatl compare``: methods x seeds, alpha chosen on the first seed's validation split, reuse of runs."""
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+
+import deltatl.engine.channel_attention
+import deltatl.run
+from conftest import CLASS_COLOURS, TINY_TRAIN_ARGS, make_image, write_png
+from deltatl.cli import main
+from deltatl.compare import compare
+from deltatl.config import TrainConfig
+
+GRID = [0.001, 0.01]
+SPECS = ["l2", "l2-sp", "delta+rifle1"]
+SEEDS = [0, 1]
+
+
+# --- the selection rule, with a fake trainer ---------------------------------------------------------
+
+class FakeTrainer:
+    """Returns a summary computed from the config; records every config it was given."""
+
+    def __init__(self, val, test=lambda c: 50.0 + c.seed):
+        self.val, self.test, self.configs = val, test, []
+
+    def __call__(self, config: TrainConfig) -> dict:
+        self.configs.append(config)
+        return {"val_top1": self.val(config), "test_top1": self.test(config), "seconds": 2.0}
+
+    def alphas(self, method: str, rifle: int = 0) -> set[float]:
+        return {c.alpha for c in self.configs if c.method == method and c.rifle == rifle}
+
+
+def run_compare(tmp_path, trainer, specs, grid=GRID, seeds=SEEDS):
+    return {r["method"]: r for r in compare(TrainConfig(), specs, seeds, str(tmp_path / "cmp"), grid,
+                                             train=trainer)}
+
+
+def test_alpha_is_the_grid_value_with_the_best_first_seed_validation_accuracy_not_test_accuracy(tmp_path):
+    trainer = FakeTrainer(val=lambda c: {0.001: 60.0, 0.01: 70.0, 0.1: 65.0}[c.alpha] if c.seed == 0 else 0.0,
+                          test=lambda c: {0.001: 90.0, 0.01: 10.0, 0.1: 10.0}[c.alpha])
+    rows = run_compare(tmp_path, trainer, ["l2-sp"], grid=[0.001, 0.01, 0.1])
+    assert rows["l2-sp"]["alpha"] == 0.01
+    assert {(c.alpha, c.seed) for c in trainer.configs} == {(0.001, 0), (0.01, 0), (0.1, 0), (0.01, 1)}
+    selection = json.loads((tmp_path / "cmp" / "alpha_selection.json").read_text())
+    assert selection["val_top1"] == {"l2-sp": {"0.001": 60.0, "0.01": 70.0, "0.1": 65.0}}
+
+
+def test_a_tie_goes_to_the_earlier_grid_value(tmp_path):
+    rows = run_compare(tmp_path, FakeTrainer(val=lambda c: 80.0), ["delta"], grid=[0.1, 0.001, 0.01])
+    assert rows["delta"]["alpha"] == 0.1
+
+
+def test_methods_without_alpha_ignore_the_grid(tmp_path):
+    trainer = FakeTrainer(val=lambda c: 50.0)
+    rows = run_compare(tmp_path, trainer, ["l2", "l2-fe"])
+    assert rows["l2"]["alpha"] is None and rows["l2-fe"]["alpha"] is None
+    assert len(trainer.configs) == 4
+
+
+def test_a_rifle_variant_uses_the_alpha_chosen_for_its_base_method(tmp_path):
+    trainer = FakeTrainer(val=lambda c: {0.001: 40.0, 0.01: 30.0}[c.alpha])
+    rows = run_compare(tmp_path, trainer, ["delta", "delta+rifle1"])
+    assert rows["delta"]["alpha"] == rows["delta+rifle1"]["alpha"] == 0.001
+    assert trainer.alphas("delta", rifle=1) == {0.001}
+
+
+def test_a_rifle_variant_whose_base_method_is_not_listed_still_gets_its_alpha_chosen_on_the_grid(tmp_path):
+    # The selection depends only on alpha, so it does not matter whether it is made on delta's runs
+    # or on delta+rifle1's own: 0.001 must win, not the default alpha (0.01).
+    trainer = FakeTrainer(val=lambda c: {0.001: 40.0, 0.01: 30.0}.get(c.alpha, 0.0))
+    rows = run_compare(tmp_path, trainer, ["delta+rifle1"], grid=[0.001, 0.01])
+    assert trainer.alphas("delta", rifle=1) == {0.001}
+    assert rows["delta+rifle1"]["alpha"] == 0.001
+    selection = json.loads((tmp_path / "cmp" / "alpha_selection.json").read_text())["val_top1"]
+    assert selection, "the alpha choice is not recorded"
+
+
+# --- the real command on a tiny image folder ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    """One ``deltatl compare`` of l2, l2-sp and delta+rifle1 over 2 seeds and a 2-value alpha grid."""
+    base = tmp_path_factory.mktemp("compare")
+    data = base / "data"
+    for label, cls in enumerate(("red", "green", "blue")):
+        for split, count, offset in (("train", 8, 0), ("test", 3, 1000)):
+            for i in range(count):
+                write_png(data / split / cls / f"{i}.png", make_image(label, offset + i, CLASS_COLOURS[cls]))
+    out = base / "cmp"
+    tiny = [a for a in TINY_TRAIN_ARGS if a not in ("--epochs", "1")]
+    argv = ["compare", "--data", str(data), *tiny, "--epochs", "2", "--methods", *SPECS, "--seeds", "2",
+            "--alpha-grid", *map(str, GRID), "--attention-epochs", "1", "--attention-batches", "1",
+            "--attention-batch-size", "4", "--attention-cache", str(base / "cache"), "--out", str(out)]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(argv) == 0
+    finally:
+        torch.set_num_threads(previous)
+    return {"out": out, "argv": argv}
+
+
+def summaries(out: Path) -> list[dict]:
+    """Summaries of the compared runs (not those of the L2-FE fits of the channel attention)."""
+    found = [json.loads(p.read_text()) for p in sorted(out.rglob("summary.json"))]
+    return [s for s in found if "config" in s]
+
+
+def runs_of(out: Path, spec: str, alpha: str) -> list[dict]:
+    """The per-seed summaries behind one row of results.csv, found by their recorded config."""
+    method, _, rifle = spec.partition("+rifle")
+    found = [s for s in summaries(out) if s["config"]["method"] == method
+             and s["config"]["rifle"] == int(rifle or 0)
+             and (alpha == "" or s["config"]["alpha"] == float(alpha))]
+    return sorted(found, key=lambda s: s["config"]["seed"])
+
+
+def csv_rows(out: Path) -> dict[str, dict]:
+    with open(out / "results.csv", newline="") as f:
+        return {row["method"]: row for row in csv.DictReader(f)}
+
+
+def test_compare_writes_the_table_the_csv_and_the_alpha_selection(compared):
+    out = compared["out"]
+    assert (out / "results.md").is_file() and (out / "alpha_selection.json").is_file()
+    table = (out / "results.md").read_text()
+    for spec in SPECS:
+        assert f"| {spec} |" in table
+    assert "mean ± std over seeds 0, 1" in table
+    assert list(csv_rows(out)) == SPECS
+    assert all(row["runs"] == "2" for row in csv_rows(out).values())
+
+
+def test_l2_sp_alpha_is_the_grid_value_with_the_best_seed_0_validation_accuracy(compared):
+    out = compared["out"]
+    grid_runs = {a: json.loads((out / "l2-sp" / f"alpha{a:g}" / "seed0" / "summary.json").read_text())
+                 for a in GRID}
+    assert all(s["config"]["alpha"] == a and s["config"]["seed"] == 0 for a, s in grid_runs.items())
+    best = max(GRID, key=lambda a: grid_runs[a]["val_top1"])  # the first of ties
+    assert float(csv_rows(out)["l2-sp"]["alpha"]) == best
+    selection = json.loads((out / "alpha_selection.json").read_text())["val_top1"]
+    assert selection["l2-sp"] == {f"{a:g}": grid_runs[a]["val_top1"] for a in GRID}
+    assert {s["config"]["alpha"] for s in runs_of(out, "l2-sp", str(best))} == {best}
+    assert [s["config"]["seed"] for s in runs_of(out, "l2-sp", str(best))] == SEEDS
+
+
+def test_means_and_standard_deviations_are_those_of_the_per_seed_summaries(compared):
+    out = compared["out"]
+    for spec, row in csv_rows(out).items():
+        runs = runs_of(out, spec, row["alpha"])
+        assert [s["config"]["seed"] for s in runs] == SEEDS, spec
+        test = [s["test_top1"] for s in runs]
+        val = [s["val_top1"] for s in runs]
+        assert float(row["test_mean"]) == pytest.approx(statistics.fmean(test), abs=1e-9), spec
+        assert float(row["test_std"]) == pytest.approx(statistics.stdev(test), abs=1e-9), spec
+        assert float(row["val_mean"]) == pytest.approx(statistics.fmean(val), abs=1e-9), spec
+        assert float(row["val_std"]) == pytest.approx(statistics.stdev(val), abs=1e-9), spec
+
+
+def test_rerunning_compare_reuses_every_run_and_prints_the_same_table(compared, cli, monkeypatch):
+    out = compared["out"]
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("summary.json")}
+    files = {name: (out / name).read_bytes() for name in ("results.md", "results.csv", "alpha_selection.json")}
+    assert len(before) >= 2 + 2 + 1 + 2  # l2-sp grid (seed 0), l2, l2-sp seed 1, delta+rifle1
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(deltatl.run, "fit", no_training)
+    monkeypatch.setattr(deltatl.engine.channel_attention, "fit", no_training)
+    again = cli(*compared["argv"])
+    assert again.code == 0, again.err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("summary.json")} == before
+    assert {name: (out / name).read_bytes() for name in files} == files
+    assert again.out.startswith(files["results.md"].decode().split("\n\n")[0] + "\n")
