@@ -64,6 +64,24 @@ def open_splits(config: TrainConfig, progress: bool = True) -> DataSplits:
                        test_per_class=config.test_per_class, seed=config.seed, check_images=config.check_images, progress=progress)
 
 
+def lock_run_dir(run_dir: str) -> Any:
+    """An exclusive lock on ``run_dir/.lock``: two processes never train into one run directory.
+
+    The lock is released when the returned file is closed or the process ends (even if killed).
+    """
+    handle = open(os.path.join(run_dir, ".lock"), "w")
+    try:
+        import fcntl
+
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # not POSIX: no locking
+        pass
+    except OSError:
+        handle.close()
+        raise DeltatlError(f"another deltatl process is using {run_dir}") from None
+    return handle
+
+
 def seeded_model(config: TrainConfig, num_classes: int) -> torch.nn.Module:
     """The starting point (source weights + new head) drawn from ``--seed``, not from the global RNG,
     so that the same command gives the same run and cached attention stays valid."""
@@ -94,7 +112,7 @@ def _prepare_run_dir(run_dir: str, config: TrainConfig, resume: bool) -> dict[st
                 return json.load(f)
         if not resume and os.path.isfile(os.path.join(run_dir, CHECKPOINT)):
             raise DeltatlError(f"{run_dir} holds an unfinished run of this config; pass --resume to continue it")
-    elif os.path.isdir(run_dir) and os.listdir(run_dir):
+    elif os.path.isdir(run_dir) and [f for f in os.listdir(run_dir) if f != ".lock"]:
         raise DeltatlError(f"{run_dir} is not empty and holds no deltatl run; choose another --out")
     return None
 
@@ -114,6 +132,7 @@ def train_run(config: TrainConfig, *, resume: bool = False, progress: bool = Tru
 
     def record_run() -> None:
         os.makedirs(run_dir, exist_ok=True)
+        lock.append(lock_run_dir(run_dir))
         lists_dir = os.path.join(run_dir, "splits")
         if os.path.isfile(os.path.join(run_dir, CHECKPOINT)):
             splits.check_lists(lists_dir)
@@ -127,6 +146,7 @@ def train_run(config: TrainConfig, *, resume: bool = False, progress: bool = Tru
         rifle = Rifle(head_module(model), rifle_steps(total_steps, config.rifle, None if config.iters else spe),
                       seed=config.seed, init=config.head_init, reset_momentum=config.rifle_reset_momentum,
                       cyclic_lr=config.rifle_cyclic_lr)
+    lock: list[Any] = []  # held open (locked) until this process ends or the run returns
     dist.on_rank0(record_run)
 
     pre = preprocessing(model)
