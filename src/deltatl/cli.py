@@ -89,7 +89,7 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
     add("--out", help="run directory (default runs/<method>_<data>_<model>_seed<seed>)")
     add("--amp", choices=("none", "bf16", "fp16"),
         help="mixed precision: bf16 autocast, or fp16 with a gradient scaler; loss terms stay float32 "
-             "(default none: changes the result, and is no faster on CPUs without bf16 units)")
+             "(default none: it changes the result, and on CPUs without bf16 units it is several times slower)")
     add("--channels-last", action="store_true", help="channels-last memory format (faster convolutions on "
                                                      "recent GPUs; default off)")
     add("--compile", action="store_true", help="torch.compile the target network (default off; compiling "

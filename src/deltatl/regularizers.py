@@ -104,7 +104,7 @@ def delta_distance(target_features: Mapping[str, Tensor], source_features: Mappi
                 raise ValueError(f"layer {name!r}: channel weights of shape {tuple(weights.shape)}, "
                                  f"expected ({num_channels},)")
             scale = num_channels * weights.detach().to(device=per_channel.device, dtype=torch.float32)
-            per_sample = per_channel @ scale
+            per_sample = (per_channel * scale).sum(dim=1)  # not a matmul: autocast would run that in low precision
         layer_term = 0.5 * per_sample.sum()
         if reduction == "mean":
             layer_term = layer_term / per_channel.shape[0]

@@ -13,7 +13,10 @@ all-reduce every ``sync_every`` steps and at every epoch end); only rank 0 write
 :mod:`deltatl.distributed`.
 
 Speed switches, all off by default because each changes the floating-point result or costs a
-compilation (measured on a 2-core CPU, where bf16 autocast is no faster than float32):
+compilation. On a 2-core AVX2 CPU (no bf16 instructions) a bf16 step was 5-6x slower than float32
+for ``test_resnet`` and 7x or more for EfficientNet-Lite0 (depthwise convolutions), and channels_last
+made no difference beyond noise: leave them off on such CPUs; bf16 and channels_last are for GPUs
+and CPUs with bf16 units (AMX, AVX512-BF16).
 
 - ``amp="bf16"``: autocast the networks' forward passes (target, source) to bfloat16, no scaler.
   ``amp="fp16"``: float16 with a :class:`torch.amp.GradScaler` (its inf check syncs the host each
