@@ -13,10 +13,11 @@ STAMP := $(VENV)/.deltatl-installed
 
 install: system-deps $(STAMP)
 
+# postgresql: the tests start a throwaway server on loopback for `deltatl search --storage postgresql://`
 system-deps:
-	@dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || { \
+	@dpkg -s dataset-fashion-mnist postgresql >/dev/null 2>&1 || { \
 	  $(SUDO) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq dataset-fashion-mnist; }
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq dataset-fashion-mnist postgresql; }
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)

@@ -28,14 +28,25 @@ class TrainConfig:
     val_per_class: int | None = None
     val_fraction: float = 0.2
     test_per_class: int | None = None  # None: the whole test set
+    # one run of k-fold cross-validation (set by `deltatl search`; no CLI flag): train on the training
+    # split less fold cv_fold of cv_folds (stratified, seeded by --seed), validate on it, no test split
+    cv_folds: int | None = None
+    cv_fold: int | None = None
     image_size: int = 96
     resize: int | None = None
+    # Table 2's "data augmentation" variant (Li et al. 2018): shorter edge resized to --resize keeping
+    # the aspect ratio (train and test), and the logits averaged over 10 crops at evaluation
+    keep_aspect: bool = False
+    ten_crop: bool = False
     check_images: bool = True
     # model
     model: str = EMBEDDED_MODEL
     pretrained: str = "auto"
     checkpoint: str | None = None
     head_init: str = "default"
+    # Inception-V3's auxiliary classifier: 0 removes it (default); W > 0 keeps it with a new head for
+    # the target classes and adds W * its cross-entropy to the training loss (torchvision's recipe: 0.4)
+    aux_weight: float = 0.0
     # method (alpha and beta: the official 0.01 / 0.01)
     method: str = "l2"
     alpha: float = 0.01
@@ -55,6 +66,11 @@ class TrainConfig:
     rifle: int = 0
     rifle_reset_momentum: bool = False
     rifle_cyclic_lr: bool = False
+    # the tricks RIFLE was compared with (deltatl.engine.tricks); all off by default (faithful)
+    head_dropout: float = 0.0  # Dropout on the head's input
+    head_dropconnect: float = 0.0  # DropConnect on the head's weights
+    drop_path_rate: float = 0.0  # Stochastic Depth (timm's drop_path_rate)
+    disturb_label: float = 0.0  # DisturbLabel: replace a training label by a random class with this probability
     # optimisation
     epochs: int | None = None
     iters: int | None = None
@@ -63,6 +79,9 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float | None = None  # None: the method's default
     schedule: str = "step"
+    decay_at: int | None = None  # step (exp: reaches) lr / 10 after this many steps; None: 2/3 of training
+    lr_cycles: int = 3  # cycles of the cyclic schedules (cosine-restarts, triangular)
+    lr_min_factor: float = 0.0  # lowest lr of the cyclic schedules, as a fraction of --lr
     seed: int = 0
     # precision and DDP (change the result): autocast dtype; under torchrun, global-batch BatchNorm
     amp: str = "none"
@@ -98,10 +117,28 @@ class TrainConfig:
             raise DeltatlError("--attention-method must be exact, first_order or naive")
         if self.lr <= 0:
             raise DeltatlError("--lr must be positive")
+        for name, low, high in (("head_dropout", 0, 1), ("head_dropconnect", 0, 1), ("drop_path_rate", 0, 1),
+                                ("lr_min_factor", 0, 1)):
+            if not low <= getattr(self, name) < high:
+                raise DeltatlError(f"--{name.replace('_', '-')} must be in [{low}, {high})")
+        if not 0 <= self.disturb_label <= 1:
+            raise DeltatlError("--disturb-label must be in [0, 1]")
+        if self.aux_weight < 0:
+            raise DeltatlError("--aux-weight must be >= 0")
+        if self.aux_weight and self.image_size < 299:
+            # Inception-V3's auxiliary classifier needs the 17x17 Mixed_6e map of a 299-pixel input
+            raise DeltatlError("--aux-weight needs --image-size 299 or more (Inception-V3's auxiliary classifier)")
+        if self.lr_cycles < 1:
+            raise DeltatlError("--lr-cycles must be at least 1")
+        if self.decay_at is not None and self.decay_at < 1:
+            raise DeltatlError("--decay-at must be at least 1")
         if not 0 <= self.val_fraction < 1:
             raise DeltatlError("--val-fraction must be in [0, 1)")
         if self.train_per_class is not None and self.train_per_class < 0:
             raise DeltatlError("--train-per-class must be positive (0 = all images)")
+        if (self.cv_folds is None) != (self.cv_fold is None) or (
+                self.cv_folds is not None and not 0 <= self.cv_fold < self.cv_folds):  # type: ignore[operator]
+            raise DeltatlError("cv_folds and cv_fold go together, with 0 <= cv_fold < cv_folds")
 
     def result_fields(self) -> dict[str, Any]:
         """The fields that define what a run computes (compared when a run directory is reused)."""
@@ -112,8 +149,13 @@ class TrainConfig:
 _TYPES = {f.name: str(f.type) for f in fields(TrainConfig)}
 
 
-def load_yaml(path: str) -> dict[str, Any]:
-    """Read a YAML mapping of config keys (``-`` or ``_`` both accepted); unknown keys are an error."""
+def load_yaml(path: str, _including: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Read a YAML mapping of config keys (``-`` or ``_`` both accepted); unknown keys are an error.
+
+    ``base: other.yaml`` (or a list of files; paths relative to this file) includes other config files
+    first: the bases are merged in order, then this file's own keys override them. Bases may have
+    bases of their own (the presets under ``configs/`` use this); a cycle is an error.
+    """
     if not os.path.isfile(path):
         raise DeltatlError(f"config file not found: {path}")
     try:
@@ -124,10 +166,24 @@ def load_yaml(path: str) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise DeltatlError(f"{path} must hold a mapping of settings")
     values = {str(k).replace("-", "_"): v for k, v in raw.items()}
+    bases = values.pop("base", None)
     unknown = sorted(set(values) - set(_TYPES))
     if unknown:
         raise DeltatlError(f"{path}: unknown setting(s) {', '.join(unknown)}")
-    return values
+    if bases is None:
+        return values
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise DeltatlError(f"{path}: base must be a file name or a list of file names")
+    chain = (*_including, os.path.abspath(path))
+    merged: dict[str, Any] = {}
+    for base in bases:
+        base_path = os.path.join(os.path.dirname(path), base)
+        if os.path.abspath(base_path) in chain:
+            raise DeltatlError(f"{path}: base {base} includes itself")
+        merged.update(load_yaml(base_path, chain))
+    return {**merged, **values}
 
 
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")

@@ -10,11 +10,22 @@ Weights come from, in this order of preference for ``pretrained="auto"``:
 
 The pretrained classifier is then replaced by a new ``nn.Linear`` for the target classes. Which
 parameters are the new head ("private") and which came from the source ("shared") is derived from the
-model itself by :func:`head_name`, so it survives checkpoints and wrappers without extra state.
+model itself by :func:`head_name`, so it survives checkpoints and wrappers without extra state. A
+checkpoint's classifier may have any number of classes (Places365 weights: 365), since it is replaced.
+
+Inception-V3's auxiliary classifier (``AuxLogits``, timm or torchvision): the source weights are
+loaded with it when they have it, then, by default (``aux_head=False``), it is removed, so the
+network is a plain image -> logits model like every other (the official DELTA code could not run
+Inception-V3's aux output at all). With ``aux_head=True`` it is kept, its last layer is replaced by a
+new one for the target classes (a second "private" head), and the model returns ``(logits, aux
+logits)`` in training mode and the logits alone in evaluation mode (timm's Inception returns both in
+either mode; a forward pre-hook aligns it with torchvision's). The training loss then adds the
+weighted auxiliary cross-entropy (:class:`deltatl.engine.objective.Objective`, ``aux_weight``).
 """
 from __future__ import annotations
 
 import os
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 import torch
@@ -26,6 +37,7 @@ EMBEDDED_MODEL = "tf_efficientnet_lite0"
 TORCHVISION_PREFIX = "torchvision/"
 PRETRAINED_CHOICES = ("auto", "embedded", "hub", "none")
 HEAD_INITS = ("default", "zero")
+AUX_MODULE = "AuxLogits"  # Inception-V3's auxiliary classifier (timm and torchvision)
 
 
 @dataclass(frozen=True)
@@ -106,14 +118,20 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor]
     model.load_state_dict(state_dict)
 
 
-def _build_architecture(name: str, hub: bool) -> nn.Module:
-    """The network with its original (usually ImageNet) classifier, optionally with hub weights."""
+def _build_architecture(name: str, hub: bool, drop_path_rate: float = 0.0, aux_logits: bool = False) -> nn.Module:
+    """The network with its original (usually ImageNet) classifier, optionally with hub weights.
+
+    ``drop_path_rate`` (Stochastic Depth) and ``aux_logits`` (Inception's auxiliary classifier) are
+    timm's model options; only they are passed, and only when set, so other runs build as before.
+    """
     if name.startswith(TORCHVISION_PREFIX):
         import torchvision
 
         arch = name[len(TORCHVISION_PREFIX):]
         if arch not in torchvision.models.list_models(module=torchvision.models):
             raise DeltatlError(f"unknown torchvision model '{arch}'")
+        if drop_path_rate:
+            raise DeltatlError("--drop-path-rate needs a timm model (torchvision models have no drop path)")
         kwargs = {"aux_logits": True, "init_weights": False} if arch == "inception_v3" else {}
         return torchvision.models.get_model(arch, weights="DEFAULT" if hub else None, **kwargs)
     import timm
@@ -122,9 +140,16 @@ def _build_architecture(name: str, hub: bool) -> nn.Module:
         close = timm.list_models(f"*{name.split('.')[0][:12]}*")[:5]
         hint = f" (similar: {', '.join(close)})" if close else ""
         raise DeltatlError(f"unknown model '{name}'{hint}; any timm name, or torchvision/<name>")
+    options = {**({"drop_path_rate": drop_path_rate} if drop_path_rate else {}),
+               **({"aux_logits": True} if aux_logits else {})}
     try:
-        return timm.create_model(name, pretrained=hub)
+        return timm.create_model(name, pretrained=hub, **options)
     except Exception as exc:  # no network, no such tag...: one line, not a hub traceback
+        if options and isinstance(exc, TypeError) and "unexpected keyword argument" in str(exc):
+            # raised by the constructor, before any download
+            flags = {"drop_path_rate": "--drop-path-rate", "aux_logits": "--aux-weight"}
+            bad = [flags[k] for k in options if k in str(exc)] or [flags[k] for k in options]
+            raise DeltatlError(f"model '{name}' does not support {' / '.join(bad)}") from None
         raise DeltatlError(f"cannot fetch pretrained weights for '{name}' from the hub "
                            f"({type(exc).__name__}); use --checkpoint FILE or --pretrained none") from None
 
@@ -151,13 +176,21 @@ def head_module(model: nn.Module) -> nn.Linear:
     return inner.get_submodule(head_name(inner))
 
 
-def split_parameters(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
-    """``(shared, private)`` named parameters: the source backbone's and the new head's."""
+def aux_head_name(model: nn.Module) -> str | None:
+    """``"AuxLogits.fc"`` when the model kept Inception-V3's auxiliary classifier, else None."""
     inner = getattr(model, "module", model)
-    prefix = head_name(inner) + "."
+    aux = getattr(inner, AUX_MODULE, None)
+    return f"{AUX_MODULE}.fc" if aux is not None and isinstance(getattr(aux, "fc", None), nn.Linear) else None
+
+
+def split_parameters(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
+    """``(shared, private)`` named parameters: the source backbone's and the new head's (with the new
+    last layer of a kept auxiliary classifier: it has no source weights either)."""
+    inner = getattr(model, "module", model)
+    prefixes = tuple(f"{n}." for n in (head_name(inner), aux_head_name(inner)) if n)
     shared, private = [], []
     for name, param in inner.named_parameters():
-        (private if name.startswith(prefix) else shared).append((name, param))
+        (private if name.startswith(prefixes) else shared).append((name, param))
     return shared, private
 
 
@@ -192,9 +225,57 @@ def _replace_head(model: nn.Module, num_classes: int, init: str) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
     if hasattr(model, "num_classes"):
         model.num_classes = num_classes
-    if getattr(model, "AuxLogits", None) is not None:  # torchvision inception: aux head too
+    if getattr(model, "AuxLogits", None) is not None:  # a kept Inception aux head: a new last layer too
         aux = model.AuxLogits.fc
         model.AuxLogits.fc = nn.Linear(aux.in_features, num_classes)
+
+
+def _aux_only_in_training(model: nn.Module, _args: object) -> None:
+    """Forward pre-hook: the auxiliary logits are computed and returned in training mode only (timm's
+    Inception reads ``aux_logits`` at every forward; torchvision's already checks the mode)."""
+    model.aux_logits = model.training
+
+
+def _configure_aux_head(model: nn.Module, keep: bool) -> None:
+    """Remove Inception's auxiliary classifier, or keep it for training mode only (see the module doc)."""
+    if getattr(model, AUX_MODULE, None) is None:
+        if keep:
+            raise DeltatlError(f"--aux-weight: {type(model).__name__} has no auxiliary classifier "
+                               f"(Inception-V3 has one)")
+        return
+    if keep:
+        model.register_forward_pre_hook(_aux_only_in_training)
+    else:
+        setattr(model, AUX_MODULE, None)
+        model.aux_logits = False
+
+
+def _fit_source_state(model: nn.Module, state: dict[str, torch.Tensor], keep_aux: bool,
+                      origin: str) -> dict[str, torch.Tensor]:
+    """Adapt a source checkpoint to the freshly built ``model`` where only the parts that are replaced
+    or removed anyway differ: a classifier with another number of classes (Places365: 365) is resized
+    in the model before loading, and auxiliary-classifier weights are dropped when the model has none
+    (or, when it has one and they are missing, its own initialisation is kept, with a warning)."""
+    for name in (head_name(model), aux_head_name(model)):
+        weight = state.get(f"{name}.weight") if name else None
+        layer = model.get_submodule(name) if name else None
+        if weight is not None and weight.dim() == 2 and weight.shape[1] == layer.in_features \
+                and weight.shape[0] != layer.out_features:
+            # skip_init: no draw from the global RNG for a layer about to be overwritten
+            resized = torch.nn.utils.skip_init(nn.Linear, layer.in_features, weight.shape[0],
+                                               bias=layer.bias is not None)
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, resized)
+    prefix = f"{AUX_MODULE}."
+    own_aux = {k: v for k, v in model.state_dict().items() if k.startswith(prefix)}
+    if not own_aux:
+        return {k: v for k, v in state.items() if not k.startswith(prefix)}
+    if not any(k.startswith(prefix) for k in state):
+        if keep_aux:
+            warnings.warn(f"{origin} has no auxiliary-classifier weights; the aux head starts from its "
+                          f"random initialisation", stacklevel=3)
+        return {**state, **own_aux}
+    return state
 
 
 def resolve_pretrained(name: str, pretrained: str, checkpoint: str | None) -> str:
@@ -213,7 +294,8 @@ def resolve_pretrained(name: str, pretrained: str, checkpoint: str | None) -> st
 
 
 def create_model(name: str = EMBEDDED_MODEL, num_classes: int | None = None, *, pretrained: str = "auto",
-                 checkpoint: str | None = None, head_init: str = "default") -> nn.Module:
+                 checkpoint: str | None = None, head_init: str = "default", drop_path_rate: float = 0.0,
+                 aux_head: bool = False) -> nn.Module:
     """Build a CNN with source weights and, if ``num_classes`` is given, a fresh head.
 
     Args:
@@ -223,14 +305,19 @@ def create_model(name: str = EMBEDDED_MODEL, num_classes: int | None = None, *, 
             ``none`` (random init). Ignored when ``checkpoint`` is given.
         checkpoint: local state dict of the *source* network (with its original classifier).
         head_init: ``default`` (nn.Linear's own init, as the authors' code) or ``zero``.
+        drop_path_rate: Stochastic Depth (timm models with residual branches); 0 = none.
+        aux_head: keep Inception-V3's auxiliary classifier (see the module docstring); else removed.
     """
     source = resolve_pretrained(name, pretrained, checkpoint)
-    model = _build_architecture(name, hub=source == "hub")
+    model = _build_architecture(name, hub=source == "hub", drop_path_rate=drop_path_rate, aux_logits=aux_head)
     if source == "checkpoint":
-        load_state_dict_strict(model, read_state_dict(checkpoint), f"checkpoint {checkpoint}")
+        origin = f"checkpoint {checkpoint}"
+        load_state_dict_strict(model, _fit_source_state(model, read_state_dict(checkpoint), aux_head, origin),
+                               origin)
     elif source == "embedded":
         raw = torch.load(embedded_weights_path(), map_location="cpu", weights_only=True)
         model.load_state_dict(_map_embedded_state_dict(raw, model))
+    _configure_aux_head(model, aux_head)
     if num_classes is not None:
         _replace_head(model, num_classes, head_init)
     return model

@@ -10,9 +10,9 @@ from torch import nn
 
 from .config import make_config
 from .data import TransformedImages
-from .data.transforms import eval_transform
+from .data.transforms import evaluation_transform
 from .engine import checkpoint as ckpt
-from .engine.evaluate import evaluate
+from .engine.evaluate import crop_logits, evaluate
 from .engine.fit import CHECKPOINT
 from .errors import DeltatlError
 from .models import create_model, load_state_dict_strict, preprocessing
@@ -30,7 +30,9 @@ def load_trained(path: str) -> tuple[nn.Module, dict[str, Any]]:
         raise DeltatlError(f"{path} is not a deltatl run checkpoint")
     info = state["run_info"]
     config = info["config"]
-    model = create_model(config["model"], len(info["classes"]), pretrained="none")
+    # a kept Inception aux head is part of the trained weights (a setting absent from older runs: 0)
+    model = create_model(config["model"], len(info["classes"]), pretrained="none",
+                         aux_head=bool(config.get("aux_weight")))
     load_state_dict_strict(model, state["model"], f"checkpoint {path}")
     return model.eval(), info
 
@@ -44,7 +46,8 @@ def evaluate_checkpoint(path: str, *, split: str = "test", data_root: str | None
     config = make_config({}, values)
     splits = open_splits(config)
     dataset = TransformedImages(getattr(splits, split),
-                                eval_transform(config.image_size, preprocessing(model), config.resize))
+                                evaluation_transform(config.image_size, preprocessing(model), config.resize,
+                                                     config.keep_aspect, config.ten_crop))
     dev = resolve_device(device)
     return evaluate(model.to(dev), dataset, batch_size=config.batch_size, device=dev, progress=progress)
 
@@ -63,11 +66,13 @@ def predict_files(paths: Sequence[str], *, checkpoint: str | None = None, top_k:
     if checkpoint:
         model, info = load_trained(checkpoint)
         names, image_size, resize = info["classes"], info["config"]["image_size"], info["config"]["resize"]
+        keep_aspect, ten_crop = info["config"].get("keep_aspect", False), info["config"].get("ten_crop", False)
     else:
         model, names, image_size, resize = create_model(num_classes=None).eval(), _imagenet_names(), 224, 256
+        keep_aspect = ten_crop = False
     dev = resolve_device(device)
     model.to(dev)
-    transform = eval_transform(image_size, preprocessing(model), resize)
+    transform = evaluation_transform(image_size, preprocessing(model), resize, keep_aspect, ten_crop)
     results = []
     for path in paths:
         try:
@@ -75,7 +80,7 @@ def predict_files(paths: Sequence[str], *, checkpoint: str | None = None, top_k:
                 x = transform(img.convert("RGB")).unsqueeze(0).to(dev)
         except (OSError, ValueError) as exc:
             raise DeltatlError(f"cannot read image {path}: {exc}") from None
-        probs = model(x).softmax(dim=1)[0]
+        probs = (crop_logits(model, x) if x.dim() == 5 else model(x)).softmax(dim=1)[0]
         top = probs.topk(min(top_k, len(names)))
         results.append((path, [(names[i], p) for p, i in zip(top.values.tolist(), top.indices.tolist())]))
     return results

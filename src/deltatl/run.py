@@ -14,7 +14,8 @@ import torch
 
 from .config import TrainConfig, dump_yaml, read_run_config
 from .data import DATASETS, DataSplits, TransformedImages, load_splits
-from .data.transforms import eval_transform, train_transform
+from .data.folds import fold_splits
+from .data.transforms import evaluation_transform, train_transform
 from .distributed import SINGLE, DistEnv, init_from_env
 from .engine.fit import CHECKPOINT, SUMMARY, epoch_steps, fit
 from .attention import normalize_scores, read_scores, write_scores
@@ -22,9 +23,11 @@ from .engine.channel_attention import (cache_key, cached_channel_attention, esti
                                        layer_channels)
 from .engine.objective import Objective, get_method
 from .engine.rifle import Rifle, rifle_steps
+from .engine.schedule import CYCLIC
+from .engine.tricks import DisturbLabel, check_stochastic_depth, install_head_regularization, suspended
 from .errors import DeltatlError
 from .features import layer_preset
-from .models import create_model, head_module, preprocessing, resolve_pretrained
+from .models import create_model, head_module, head_name, preprocessing, resolve_pretrained
 
 # Few-shot default of a named dataset when --train-per-class is not given (the embedded default job).
 DEFAULT_TRAIN_PER_CLASS = {"fashion-mnist": 30}
@@ -59,9 +62,13 @@ def train_per_class(config: TrainConfig) -> int | None:
 
 
 def open_splits(config: TrainConfig, progress: bool = True) -> DataSplits:
-    return load_splits(config.data, config.data_root, train_per_class=train_per_class(config),
-                       val_per_class=config.val_per_class, val_fraction=config.val_fraction,
-                       test_per_class=config.test_per_class, seed=config.seed, check_images=config.check_images, progress=progress)
+    splits = load_splits(config.data, config.data_root, train_per_class=train_per_class(config),
+                         val_per_class=config.val_per_class, val_fraction=config.val_fraction,
+                         test_per_class=config.test_per_class, seed=config.seed, check_images=config.check_images,
+                         progress=progress)
+    if config.cv_folds is not None:  # a cross-validation run of `deltatl search`: one fold validates
+        splits = fold_splits(splits, config.cv_folds, config.cv_fold, seed=config.seed)  # type: ignore[arg-type]
+    return splits
 
 
 def lock_run_dir(run_dir: str) -> Any:
@@ -87,8 +94,24 @@ def seeded_model(config: TrainConfig, num_classes: int) -> torch.nn.Module:
     so that the same command gives the same run and cached attention stays valid."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        return create_model(config.model, num_classes, pretrained=config.pretrained,
-                            checkpoint=config.checkpoint, head_init=config.head_init)
+        model = create_model(config.model, num_classes, pretrained=config.pretrained,
+                             checkpoint=config.checkpoint, head_init=config.head_init,
+                             drop_path_rate=config.drop_path_rate, aux_head=config.aux_weight > 0)
+    # RIFLE's comparison tricks (off by default; see deltatl.engine.tricks)
+    check_stochastic_depth(model, config.model, config.drop_path_rate)
+    install_head_regularization(model, head_name(model), dropout=config.head_dropout,
+                                dropconnect=config.head_dropconnect)
+    return model
+
+
+def decay_fraction(config: TrainConfig, total_steps: int) -> float:
+    """Where ``step`` divides the lr by 10 (``exp``: reaches /10): ``--decay-at`` steps, else 2/3 of
+    training. ``round(decay_at / total * total)`` is ``decay_at`` exactly (one rounding of a ratio)."""
+    if config.decay_at is None:
+        return 2 / 3
+    if config.decay_at > total_steps:
+        raise DeltatlError(f"--decay-at {config.decay_at} is beyond the {total_steps} training steps")
+    return config.decay_at / total_steps
 
 
 def _prepare_run_dir(run_dir: str, config: TrainConfig, resume: bool) -> dict[str, Any] | None:
@@ -146,14 +169,20 @@ def train_run(config: TrainConfig, *, resume: bool = False, progress: bool = Tru
         rifle = Rifle(head_module(model), rifle_steps(total_steps, config.rifle, None if config.iters else spe),
                       seed=config.seed, init=config.head_init, reset_momentum=config.rifle_reset_momentum,
                       cyclic_lr=config.rifle_cyclic_lr)
+    decay = decay_fraction(config, total_steps)
+    if config.schedule in CYCLIC and config.lr_cycles > total_steps:
+        raise DeltatlError(f"--lr-cycles {config.lr_cycles} is more than the {total_steps} training steps")
+    disturb = DisturbLabel(config.disturb_label, len(splits.classes), config.seed) if config.disturb_label else None
     lock: list[Any] = []  # held open (locked) until this process ends or the run returns
     dist.on_rank0(record_run)
 
     pre = preprocessing(model)
-    train_set = TransformedImages(splits.train, train_transform(config.image_size, pre, config.resize),
+    train_set = TransformedImages(splits.train,
+                                  train_transform(config.image_size, pre, config.resize, config.keep_aspect),
                                   seed=config.seed)
-    val_set = TransformedImages(splits.val, eval_transform(config.image_size, pre, config.resize))
-    test_set = TransformedImages(splits.test, eval_transform(config.image_size, pre, config.resize))
+    evaluation = evaluation_transform(config.image_size, pre, config.resize, config.keep_aspect, config.ten_crop)
+    val_set = TransformedImages(splits.val, evaluation)
+    test_set = TransformedImages(splits.test, evaluation)
     objective = build_objective(config, model, train_set, run_dir, device, progress, dist)
     run_info = {"method": config.method, "model": config.model, "data": config.data, "rifle": config.rifle,
                 "alpha": config.alpha if method.starting_point or method.feature_maps else None,
@@ -162,10 +191,11 @@ def train_run(config: TrainConfig, *, resume: bool = False, progress: bool = Tru
                total_steps=total_steps, batch_size=config.batch_size, lr=config.lr,
                momentum=config.momentum,
                weight_decay=method.weight_decay if config.weight_decay is None else config.weight_decay,
-               schedule=config.schedule, device=device, seed=config.seed, num_workers=config.workers,
+               schedule=config.schedule, decay_fraction=decay, lr_cycles=config.lr_cycles,
+               lr_min_factor=config.lr_min_factor, device=device, seed=config.seed, num_workers=config.workers,
                eval_every=config.eval_every, rifle=rifle, resume=resume, progress=progress, run_info=run_info,
                dist=dist, amp=config.amp, channels_last=config.channels_last, compile_model=config.compile,
-               sync_bn=config.sync_bn)
+               sync_bn=config.sync_bn, disturb=disturb)
 
 
 def attention_run(config: TrainConfig, output: str, *, progress: bool = True) -> dict[str, torch.Tensor]:
@@ -177,7 +207,8 @@ def attention_run(config: TrainConfig, output: str, *, progress: bool = True) ->
     splits = open_splits(config, progress)
     model = seeded_model(config, len(splits.classes))
     pre = preprocessing(model)
-    train_set = TransformedImages(splits.train, train_transform(config.image_size, pre, config.resize),
+    train_set = TransformedImages(splits.train,
+                                  train_transform(config.image_size, pre, config.resize, config.keep_aspect),
                                   seed=config.seed)
     layers = delta_layers(config, model)
     work_dir = config.out or os.path.join("runs", "attention")
@@ -219,6 +250,8 @@ def channel_attention_scores_for(config: TrainConfig, model: torch.nn.Module, la
               "epochs": config.attention_epochs, "lr": config.attention_lr, "batches": config.attention_batches,
               "batch_size": config.attention_batch_size, "bn_train": config.attention_bn_train,
               "method": config.attention_method, "version": 1}
+    # Settings added later enter the key only when set, so that existing cache entries stay valid.
+    fields.update({k: v for k, v in (("keep_aspect", config.keep_aspect), ("aux_head", config.aux_weight > 0)) if v})
 
     key = cache_key(fields, train_set.images)
 
@@ -230,8 +263,10 @@ def channel_attention_scores_for(config: TrainConfig, model: torch.nn.Module, la
             bn_train=config.attention_bn_train, method=config.attention_method, num_workers=config.workers,
             progress=progress)
 
-    return cached_channel_attention(config.attention_cache, key, layers,
-                                    channels, compute, fields)
+    # The attention is the source network's, not a regularized fine-tuning's: no comparison tricks.
+    with suspended(model):
+        return cached_channel_attention(config.attention_cache, key, layers,
+                                        channels, compute, fields)
 
 
 def build_objective(config: TrainConfig, model: torch.nn.Module, train_set: TransformedImages, run_dir: str,
@@ -252,4 +287,5 @@ def build_objective(config: TrainConfig, model: torch.nn.Module, train_set: Tran
         weights = normalize_scores(raw, config.attention_temperature)
     return Objective(model, config.method, alpha=config.alpha, beta=config.beta, layers=layers,
                      channel_weights=weights, reduction=config.delta_reduction,
-                     distance_scale=dist.world_size if config.delta_reduction == "sum" else 1.0)
+                     distance_scale=dist.world_size if config.delta_reduction == "sum" else 1.0,
+                     aux_weight=config.aux_weight)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import DeltatlError
-from . import fashion_mnist
+from . import caltech256, cub, fashion_mnist, food101, list_file, mit_indoor, stanford_dogs
 from .folder import is_image_folder, scan_split
 from .images import ArrayImages, FileImages, ImageCollection, TransformedImages, check_readable
 from .splits import read_list, sample_per_class, validation_count, write_list
@@ -15,7 +15,19 @@ from .splits import read_list, sample_per_class, validation_count, write_list
 # name -> loader(data_root) returning {"train": ..., "test": ..., optional "val": ...}
 DATASETS: dict[str, Callable[[str | None], dict[str, ImageCollection]]] = {
     "fashion-mnist": fashion_mnist.load,
+    # Official layouts (README "Datasets of the papers"); --data-root is the extracted archive's folder.
+    "caltech256": caltech256.load,  # training pool of 60 per class; choose --train-per-class
+    "caltech256-30": caltech256.load,  # see PROTOCOL_TRAIN_PER_CLASS
+    "caltech256-60": caltech256.load,
+    "stanford-dogs": stanford_dogs.load,
+    "mit-indoor67": mit_indoor.load,
+    "cub200": cub.load,
+    "food101": food101.load,
+    "list": list_file.load,
 }
+
+# Named datasets whose protocol fixes the training images drawn per class (with --seed) from the pool.
+PROTOCOL_TRAIN_PER_CLASS: dict[str, int] = {"caltech256-30": 30, "caltech256-60": 60}
 
 
 @dataclass
@@ -46,9 +58,29 @@ class DataSplits:
                                    f"the data changed since this run started")
 
 
+def _check_files(splits: dict[str, ImageCollection], data: str, progress: bool) -> dict[str, ImageCollection]:
+    """Skip unreadable image files with a warning; a class that loses all its images is an error."""
+    out: dict[str, ImageCollection] = {}
+    for name, split in splits.items():
+        out[name], bad = check_readable(split, progress)
+        if bad:
+            warnings.warn(f"skipped {len(bad)} unreadable image file(s) in {data}/{name} "
+                          f"(first: {bad[0]})", stacklevel=3)
+        classes = split.classes
+        # Only classes that had images: an official validation split may lack some classes.
+        empty = sorted({classes[t] for t in split.targets} - {classes[t] for t in out[name].targets})
+        if empty:
+            raise DeltatlError(f"no readable images in class folder(s) {', '.join(empty)} of {data}/{name}")
+    return out
+
+
 def _open(data: str, data_root: str | None, check_images: bool, progress: bool) -> dict[str, ImageCollection]:
     if data in DATASETS:
-        return DATASETS[data](data_root)
+        named = DATASETS[data](data_root)
+        # Official layouts are image files too (arrays need no check).
+        if check_images and all(isinstance(split, FileImages) for split in named.values()):
+            return _check_files(named, data, progress)
+        return named
     if not os.path.isdir(data):
         names = ", ".join(sorted(DATASETS))
         raise DeltatlError(f"--data '{data}' is neither a dataset name ({names}) nor an existing folder")
@@ -59,16 +91,7 @@ def _open(data: str, data_root: str | None, check_images: bool, progress: bool) 
     for name in ("val", "test"):
         if name == "test" or os.path.isdir(os.path.join(data, name)):
             splits[name] = scan_split(data, name, classes)
-    if check_images:
-        for name, split in splits.items():
-            splits[name], bad = check_readable(split, progress)
-            if bad:
-                warnings.warn(f"skipped {len(bad)} unreadable image file(s) in {data}/{name} "
-                              f"(first: {bad[0]})", stacklevel=2)
-            empty = sorted(set(classes) - {classes[t] for t in splits[name].targets})
-            if empty:
-                raise DeltatlError(f"no readable images in class folder(s) {', '.join(empty)} of {data}/{name}")
-    return splits
+    return _check_files(splits, data, progress) if check_images else splits
 
 
 def load_splits(data: str, data_root: str | None = None, *, train_per_class: int | None = None,
@@ -77,7 +100,8 @@ def load_splits(data: str, data_root: str | None = None, *, train_per_class: int
     """Open a dataset and carve its training data into train and validation, stratified and seeded.
 
     Args:
-        data: a dataset name (see ``DATASETS``) or an image-folder path.
+        data: a dataset name (see ``DATASETS``; those in ``PROTOCOL_TRAIN_PER_CLASS`` fix
+            ``train_per_class``) or an image-folder path.
         train_per_class: draw exactly this many training images per class (the papers' "-30"/"-60"
             protocol); None keeps all remaining training images.
         val_per_class: validation images held out per class; None means ``val_fraction`` of the
@@ -89,6 +113,12 @@ def load_splits(data: str, data_root: str | None = None, *, train_per_class: int
     """
     if train_per_class is not None and train_per_class < 1:
         raise DeltatlError("--train-per-class must be at least 1")
+    fixed = PROTOCOL_TRAIN_PER_CLASS.get(data)
+    if fixed is not None:
+        if train_per_class not in (None, fixed):
+            raise DeltatlError(f"--data {data} trains on {fixed} images per class by definition; use "
+                               f"--data {data.rsplit('-', 1)[0]} --train-per-class {train_per_class}")
+        train_per_class = fixed
     splits = _open(data, data_root, check_images, progress)
     pool, test = splits["train"], splits["test"]
     if test_per_class:
@@ -107,5 +137,5 @@ def load_splits(data: str, data_root: str | None = None, *, train_per_class: int
     return DataSplits(pool.select(train_idx), pool.select(val_idx), test)
 
 
-__all__ = ["DATASETS", "DataSplits", "load_splits", "ArrayImages", "FileImages", "ImageCollection",
-           "TransformedImages"]
+__all__ = ["DATASETS", "PROTOCOL_TRAIN_PER_CLASS", "DataSplits", "load_splits", "ArrayImages", "FileImages",
+           "ImageCollection", "TransformedImages"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +11,21 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from ..distributed import SINGLE, DistEnv
+
+
+def crop_logits(model: nn.Module, crops: torch.Tensor, autocast: Any = None,
+                memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """Mean float32 logits over the crops of ``crops`` ``(B, n_crops, 3, H, W)`` (10-crop testing).
+
+    One forward per crop position, on the B images of the batch: the memory of a plain evaluation
+    batch, and (the model being in eval mode) exactly the mean of the crops' separate logits.
+    """
+    total = None
+    for c in range(crops.shape[1]):
+        with autocast if autocast is not None else nullcontext():
+            logits = model(crops[:, c].contiguous(memory_format=memory_format)).float()
+        total = logits if total is None else total + logits
+    return total / crops.shape[1]
 
 
 @torch.inference_mode()
@@ -22,7 +38,9 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int, device: tor
     of the dataset, without padding, and the correct counts, loss sums and image counts are summed
     over the processes: each image is counted exactly once, whatever the dataset size. ``model`` must
     be the bare network, not its ``DistributedDataParallel`` wrapper (whose forward would expect every
-    process to run the same number of batches).
+    process to run the same number of batches). A dataset of crop stacks ``(n_crops, 3, H, W)`` (10-crop
+    testing) is scored on the mean logits of each image's crops (:func:`crop_logits`); the sharding is
+    by image, so each image's crops stay on one process and the result stays exact.
 
     Args:
         amp_dtype: autocast dtype (bfloat16 / float16) or None; the loss is computed in float32.
@@ -41,10 +59,13 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int, device: tor
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     hidden = not progress or not dist.is_primary
     for images, labels in tqdm(loader, desc=desc, leave=False, disable=True if hidden else None, unit="batch"):
-        images = images.to(device, non_blocking=True, memory_format=fmt)
         labels = labels.to(device, non_blocking=True)
-        with autocast:
-            logits = model(images)
+        if images.dim() == 5:  # (B, crops, 3, H, W): 10-crop testing, logits averaged over the crops
+            logits = crop_logits(model, images.to(device, non_blocking=True), autocast, fmt)
+        else:
+            images = images.to(device, non_blocking=True, memory_format=fmt)
+            with autocast:
+                logits = model(images)
         sums[0] += (logits.argmax(dim=1) == labels).sum()
         sums[1] += F.cross_entropy(logits.float(), labels, reduction="sum").double()
         sums[2] += labels.numel()

@@ -14,9 +14,11 @@ all-reduce every ``sync_every`` steps and at every epoch end); only rank 0 write
 
 Speed switches, all off by default because each changes the floating-point result or costs a
 compilation. On a 2-core AVX2 CPU (no bf16 instructions) a bf16 step was 5-6x slower than float32
-for ``test_resnet`` and 7x or more for EfficientNet-Lite0 (depthwise convolutions), and channels_last
-made no difference beyond noise: leave them off on such CPUs; bf16 and channels_last are for GPUs
-and CPUs with bf16 units (AMX, AVX512-BF16).
+for ``test_resnet`` and 7x or more for EfficientNet-Lite0 (depthwise convolutions): leave bf16 off on
+such CPUs; it is for GPUs and CPUs with bf16 units (AMX, AVX512-BF16). channels_last: ``deltatl bench``
+(one thread, interleaved, loaded machine) measured 1.1-1.7x faster training steps for EfficientNet-Lite0
+and ResNet-50 on that CPU, other runs there saw no difference; see BENCHMARKS.md before changing the
+default.
 
 - ``amp="bf16"``: autocast the networks' forward passes (target, source) to bfloat16, no scaler.
   ``amp="fp16"``: float16 with a :class:`torch.amp.GradScaler` (its inf check syncs the host each
@@ -52,10 +54,12 @@ from tqdm import tqdm
 from ..data import TransformedImages
 from ..distributed import SINGLE, DistEnv, convert_sync_batchnorm
 from ..errors import DeltatlError
+from ..models import head_module
 from . import checkpoint as ckpt
 from .evaluate import evaluate
 from .objective import Objective
 from .rifle import Rifle
+from .tricks import DisturbLabel
 from .schedule import create_schedule
 
 CHECKPOINT = "checkpoint.pt"
@@ -166,6 +170,25 @@ def autocast_networks(objective: Objective, device_type: str, dtype: torch.dtype
     return _training_networks(objective, objective.model, device_type, dtype)
 
 
+def train_step(objective: Objective, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               images: Tensor, labels: Tensor, sums: dict[str, Tensor]) -> dict[str, Tensor]:
+    """One optimisation step exactly as :func:`fit` runs it (``deltatl bench`` times this function).
+
+    Forward through the objective, backward (scaled for fp16), optimizer step, and the running sums
+    of the logged terms accumulated on the device: no host synchronisation.
+    """
+    out = objective(images, labels)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(out["loss"]).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    for key, value in out.items():
+        if key != "logits":
+            sums[key] += value.detach().double()
+    sums["count"] += 1
+    return out
+
+
 def _append_metrics(path: str, row: dict[str, Any]) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
@@ -191,7 +214,8 @@ def fit(objective: Objective, train_set: TransformedImages, val_set: Dataset | N
         log_every: int = 10, rifle: Rifle | None = None, resume: bool = False, progress: bool = True,
         run_info: dict[str, Any] | None = None, dist: DistEnv = SINGLE, amp: str = "none",
         channels_last: bool = False, compile_model: bool = False, sync_bn: bool = False,
-        sync_every: int | None = None) -> dict[str, Any]:
+        sync_every: int | None = None, lr_cycles: int = 1, lr_min_factor: float = 0.0,
+        disturb: DisturbLabel | None = None) -> dict[str, Any]:
     """Train ``objective`` with SGD for ``total_steps`` steps and evaluate it.
 
     Validation accuracy is measured every ``eval_every`` epochs and at the end; the test set is
@@ -203,7 +227,11 @@ def fit(objective: Objective, train_set: TransformedImages, val_set: Dataset | N
             steps (the last incomplete batch is dropped so BatchNorm never sees a batch of one).
         batch_size: images per step *and process*; the global batch is ``world_size * batch_size``.
         decay_fraction: where the step schedule divides the rate by 10 (exp: where it reaches /10).
+        lr_cycles, lr_min_factor: cycles and floor (fraction of ``lr``) of the cyclic schedules
+            (``cosine-restarts``, ``triangular``; see :mod:`deltatl.engine.schedule`).
         rifle: re-initialise the head at the given steps (RIFLE); see :mod:`deltatl.engine.rifle`.
+        disturb: DisturbLabel, applied to every training batch's labels (seeded by the step, so
+            resuming and DDP stay exact); see :mod:`deltatl.engine.tricks`.
         run_info: stored in the checkpoint and the summary (method, model, classes, config...).
         dist: the process's place in a DDP job (every process calls ``fit`` with the same arguments).
             The objective must have been built with ``distance_scale=world_size`` for DELTA's
@@ -248,7 +276,8 @@ def fit(objective: Objective, train_set: TransformedImages, val_set: Dataset | N
         objective.to(memory_format=torch.channels_last)
     # The head is the last parameter group, so RIFLE's cyclic schedule can address it alone.
     optimizer = torch.optim.SGD(objective.param_groups(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    scheduler = create_schedule(optimizer, schedule, total_steps, steps_per_epoch, decay_fraction)
+    scheduler = create_schedule(optimizer, schedule, total_steps, steps_per_epoch, decay_fraction,
+                                cycles=lr_cycles, min_factor=lr_min_factor)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     step, elapsed = 0, 0.0
     sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64, device=device))
@@ -321,8 +350,12 @@ def fit(objective: Objective, train_set: TransformedImages, val_set: Dataset | N
                 objective.train()  # again after each evaluation, which put the model in eval mode
                 sampler = EpochSampler(n_train, seed, epoch, start * batch_size * world, batch_size=batch_size,
                                        rank=dist.rank, world_size=world)
+                # Its own generator: a DataLoader draws its workers' base seed when an iterator starts,
+                # from the global RNG otherwise, and a run resumed mid-epoch starts one more iterator
+                # than the uninterrupted run, which would shift every later dropout / drop-path draw.
                 loader = DataLoader(train_set, batch_size=batch_size, drop_last=drop_last, sampler=sampler,
-                                    num_workers=num_workers, pin_memory=device.type == "cuda")
+                                    num_workers=num_workers, pin_memory=device.type == "cuda",
+                                    generator=torch.Generator().manual_seed(seed * RANK_SEED_STRIDE + epoch))
                 stopping = False
                 for images, labels in loader:
                     scheduler.step_update(step)
@@ -330,15 +363,9 @@ def fit(objective: Objective, train_set: TransformedImages, val_set: Dataset | N
                         optimizer.param_groups[-1]["lr"] = lr * rifle.head_lr_factor(step, total_steps)
                     images = images.to(device, non_blocking=True, memory_format=fmt)
                     labels = labels.to(device, non_blocking=True)
-                    out = objective(images, labels)
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(out["loss"]).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                    for key, value in out.items():
-                        if key != "logits":
-                            sums[key] += value.detach().double()
-                    sums["count"] += 1
+                    if disturb is not None:
+                        labels = disturb(labels, step, dist.rank, world)
+                    train_step(objective, optimizer, scaler, images, labels, sums)
                     step += 1
                     bar.update(1)
                     # Identical on every process: the generator is seeded by (seed, event).
@@ -366,6 +393,8 @@ def fit(objective: Objective, train_set: TransformedImages, val_set: Dataset | N
                 count = sums.pop("count")
                 row.update({f"train/{k}": (v / count).item() for k, v in sums.items()})
                 sums.clear()
+                # Cheap (one norm per epoch) and what RIFLE's re-initialisations visibly reset.
+                row["head/norm"] = head_module(bare).weight.detach().norm().item()
                 if epoch % eval_every == 0 or step >= total_steps:
                     val = eval_split(val_set, "val")
                     row.update({f"val/{k}": v for k, v in val.items() if k != "n"})

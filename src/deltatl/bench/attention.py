@@ -1,18 +1,20 @@
-"""Benchmark of DELTA's channel attention: the exact batched path and the first-order approximation
-against the naive one-forward-per-channel loop, on the embedded EfficientNet-Lite0 (issue 3).
+"""Channel-attention section of ``deltatl bench`` (issue 3): the exact batched path and the
+first-order approximation of :func:`deltatl.attention.channel_attention_scores` against the naive
+one-forward-per-channel loop, on ``--model`` (default: the embedded EfficientNet-Lite0).
 
-What it does, in one process, with the methods interleaved round by round (the order rotates each
-round) so that machine noise hits them alike; times are medians over ``--repeats`` rounds, speed-ups
+What it does, with the methods interleaved round by round (the order rotates each round) so that
+machine noise hits them alike; times are medians over ``--attention-repeats`` rounds, speed-ups
 medians of the per-round ratios:
 
-1. Builds ``tf_efficientnet_lite0`` with its embedded ImageNet weights and a new 10-class head, and
-   trains the head as L2-FE on Fashion-MNIST-30 with :func:`deltatl.engine.fit.fit`, as
+1. Builds the model with its source weights and a new head, and trains the head as L2-FE on
+   ``--data`` (default Fashion-MNIST-30) with :func:`deltatl.engine.fit.fit`, as
    ``deltatl.engine.channel_attention.estimate_channel_attention`` does (backbone frozen, BatchNorm
    statistics adapting, SGD lr 0.01, momentum 0.9, wd 1e-4, lr / 10 after 60 % of the steps), but for
    ``--head-epochs`` epochs (default 5) instead of the official 10.
-2. Takes the first ``--batches`` training batches of epoch 0 with the train augmentation (the batches
-   the library itself scores).
-3. For each layer of ``layer_preset`` (one JSON line each) and in total (one line):
+2. Takes the first ``--attention-batches`` training batches of epoch 0 with the train augmentation
+   (the batches the library itself scores).
+3. For each layer of ``--attention-layers`` (default: the model's preset; one JSON line each) and in
+   total (one line):
 
    - ``naive``: one forward per channel, timed on ``--naive-channels`` sampled channels and
      extrapolated: ``plain forward + C * (time per channel)``, which is what the library's naive loop
@@ -28,22 +30,16 @@ medians of the per-round ratios:
      expansion point the library chose), from timestamps taken inside plain forwards, and from FLOP
      counts (``torch.utils.flop_counter``: convolutions and matmuls).
 
-4. Times the exact path on ``--sweep-layers`` for several ``masks_per_forward`` (one line each).
+4. Times the exact path on ``--sweep-layers`` for several ``--sweep-masks`` values of
+   ``masks_per_forward`` (one line each).
 
-Prints JSON lines (``"kind"``: ``layer``, ``total``, ``masks_per_forward``; each with ``machine``
-and ``setup``) to stdout and progress to stderr; ``--json-out FILE`` writes the lines to FILE too.
+JSON lines of ``"section": "attention"`` with ``"kind"``: ``layer``, ``total``, ``masks_per_forward``.
 See BENCHMARKS.md for the commands and how to read the numbers.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import platform
-import resource
-import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -51,108 +47,23 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.stats import spearmanr
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
-from deltatl.attention import (_batch_loss, _expansion_point, _forward_with_hook, channel_attention_scores,
-                               normalize_scores)
-from deltatl.config import TrainConfig
-from deltatl.data import TransformedImages
-from deltatl.data.transforms import eval_transform, train_transform
-from deltatl.engine.fit import EpochSampler, epoch_steps, fit
-from deltatl.engine.objective import Objective
-from deltatl.features import layer_preset
-from deltatl.models import create_model, preprocessing
-from deltatl.run import open_splits, resolve_device
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", default="tf_efficientnet_lite0", help="model name for create_model")
-    parser.add_argument("--image-size", type=int, default=96)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--batches", type=int, default=1, help="training batches scored (official: 4)")
-    parser.add_argument("--naive-channels", type=int, default=6,
-                        help="channels per layer timed with the naive loop (time extrapolated to the layer)")
-    parser.add_argument("--naive-full-max", type=int, default=24,
-                        help="also run the library's full naive loop on layers with at most this many "
-                             "channels (0: never)")
-    parser.add_argument("--masks-per-forward", type=int, default=64, help="of the exact path")
-    parser.add_argument("--repeats", type=int, default=3, help="rounds of the interleaved timings")
-    parser.add_argument("--head-epochs", type=int, default=5,
-                        help="L2-FE epochs of the head before scoring (official: 10)")
-    parser.add_argument("--sweep-masks", default="16,32,64,128",
-                        help="masks_per_forward values timed on each --sweep-layers layer ('' to skip); "
-                             "values past the first one >= the layer's channel count are skipped (same work)")
-    parser.add_argument("--sweep-layers", default="last",
-                        help="comma-separated layer names, or first / last (of the preset)")
-    parser.add_argument("--only-sweep", action="store_true",
-                        help="skip the per-layer comparison, run only the masks_per_forward sweep")
-    parser.add_argument("--sweep-repeats", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
-    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
-    parser.add_argument("--json-out", default=None, help="also write the JSON lines to this file")
-    args = parser.parse_args(argv)
-    for name in ("image_size", "batch_size", "batches", "naive_channels", "masks_per_forward", "repeats",
-                 "head_epochs", "threads", "sweep_repeats"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    return args
-
-
-# --- timing ---------------------------------------------------------------------------------------
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-def timed(device: torch.device, fn: Callable[[], Any]) -> tuple[float, Any]:
-    synchronize(device)
-    start = time.perf_counter()
-    result = fn()
-    synchronize(device)
-    return time.perf_counter() - start, result
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values)
-
-
-def interleaved(tasks: dict[str, Callable[[], Any]], repeats: int, device: torch.device
-                ) -> tuple[dict[str, list[float]], dict[str, Any], dict[str, dict[str, float]]]:
-    """Run every task once per round, rotating the order each round.
-
-    Returns all wall times, the last results, and per task the medians of the system CPU time and of
-    the minor page faults per call (large CPU tensors are fresh ``mmap`` s whose pages fault on first use).
-    """
-    names = list(tasks)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    sys_s: dict[str, list[float]] = {name: [] for name in names}
-    faults: dict[str, list[float]] = {name: [] for name in names}
-    results: dict[str, Any] = {}
-    for round_ in range(repeats):
-        shift = round_ % len(names)
-        for name in names[shift:] + names[:shift]:
-            before = resource.getrusage(resource.RUSAGE_SELF)
-            seconds, results[name] = timed(device, tasks[name])
-            after = resource.getrusage(resource.RUSAGE_SELF)
-            times[name].append(seconds)
-            sys_s[name].append(after.ru_stime - before.ru_stime)
-            faults[name].append(after.ru_minflt - before.ru_minflt)
-    usage = {name: {"sys_s": round(median(sys_s[name]), 3), "minor_faults": int(median(faults[name]))}
-             for name in names}
-    return times, results, usage
+from ..attention import (_batch_loss, _expansion_point, _forward_with_hook, channel_attention_scores,
+                         normalize_scores)
+from ..config import TrainConfig
+from ..data import TransformedImages
+from ..data.transforms import eval_transform, train_transform
+from ..engine.fit import EpochSampler, epoch_steps, fit
+from ..engine.objective import Objective
+from ..errors import DeltatlError
+from ..features import layer_preset
+from ..models import create_model, preprocessing
+from ..run import open_splits
+from .common import Bench, interleaved, log, median, spearman, synchronize, timed
+from .training import default_pretrained
 
 
 class _Stop(Exception):
@@ -210,31 +121,13 @@ def largest_replicated_bytes(model: nn.Module, images: Tensor, layer: nn.Module,
 
 # --- setup ----------------------------------------------------------------------------------------
 
-def machine_info(device: torch.device) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "device": str(device), "python": platform.python_version()}
-    if hasattr(os, "sched_getaffinity"):
-        info["cpus_usable"] = len(os.sched_getaffinity(0))
-    info["GLIBC_TUNABLES"] = os.environ.get("GLIBC_TUNABLES", "")
-    if hasattr(os, "getloadavg"):
-        info["loadavg_1min_at_start"] = round(os.getloadavg()[0], 2)
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
 def build_l2fe_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, list, dict[str, Any]]:
-    """The embedded model with an L2-FE head, and the first ``args.batches`` augmented training batches."""
-    config = TrainConfig(model=args.model, image_size=args.image_size, seed=args.seed, device=str(device))
+    """The model with an L2-FE head, and the first ``args.attention_batches`` augmented training batches."""
+    config = TrainConfig(model=args.model, image_size=args.image_size, seed=args.seed, device=str(device),
+                         data=args.data, data_root=args.data_root, train_per_class=args.train_per_class)
     splits = open_splits(config, progress=False)
     torch.manual_seed(args.seed)
-    model = create_model(config.model, len(splits.classes))
+    model = create_model(config.model, len(splits.classes), pretrained=default_pretrained(args.model, args.pretrained))
     pre = preprocessing(model)
     train = TransformedImages(splits.train, train_transform(args.image_size, pre), seed=args.seed)
     val = TransformedImages(splits.val, eval_transform(args.image_size, pre))
@@ -256,10 +149,10 @@ def build_l2fe_model(args: argparse.Namespace, device: torch.device) -> tuple[nn
     batches = []
     for images, labels in loader:
         batches.append((images.to(device), labels.to(device)))
-        if len(batches) == args.batches:
+        if len(batches) == args.attention_batches:
             break
-    if len(batches) < args.batches or batches[-1][0].shape[0] != args.batch_size:
-        raise SystemExit(f"not enough training images for {args.batches} batches of {args.batch_size}")
+    if len(batches) < args.attention_batches or batches[-1][0].shape[0] != args.batch_size:
+        raise DeltatlError(f"not enough training images for {args.attention_batches} batches of {args.batch_size}")
     return model.eval(), batches, head
 
 
@@ -341,9 +234,9 @@ def measure_layer(args: argparse.Namespace, model: nn.Module, name: str, batches
             _expansion_point(model, name, images0, labels0, losses0[0])
 
     log(f"{name}: {channels} channels, expansion at {expansion_name}, timing naive on {len(sample)} channels, "
-        f"exact, first_order ({args.repeats} rounds)")
+        f"exact, first_order ({args.attention_repeats} rounds)")
     times, results, usage = interleaved({"naive_sample": naive_sample, "exact": exact, "first_order": first_order,
-                                         "search": search}, args.repeats, device)
+                                         "search": search}, args.attention_repeats, device)
     exact_scores = results["exact"][name].double()
     fo_scores = results["first_order"][name].double()
     naive_scores = results["naive_sample"]
@@ -357,7 +250,7 @@ def measure_layer(args: argparse.Namespace, model: nn.Module, name: str, batches
     speedup_fo = median([n / f for n, f in zip(naive_rounds, times["first_order"])])
 
     # The floor of the exact path: which fraction of a forward comes after the layer (time and FLOPs).
-    split = split_forward(model, images0, module, expand_at, max(5, args.repeats), device)
+    split = split_forward(model, images0, module, expand_at, max(5, args.attention_repeats), device)
     one = images0[:1]
     with torch.no_grad():
         flops_full = count_flops(lambda: model(one))
@@ -382,7 +275,7 @@ def measure_layer(args: argparse.Namespace, model: nn.Module, name: str, batches
         "speedup_exact": round(speedup_exact, 2), "speedup_first_order": round(speedup_fo, 1),
         "max_abs_exact_minus_naive": float((exact_scores[sample] - naive_scores).abs().max()),
         "max_abs_exact": float(exact_scores.abs().max()),
-        "spearman_first_order": round(float(spearmanr(fo_scores.numpy(), exact_scores.numpy()).statistic), 4),
+        "spearman_first_order": round(float(spearman(fo_scores.numpy(), exact_scores.numpy())), 4),
         "top10_overlap_first_order": round(top_overlap(fo_scores, exact_scores), 3),
         "weights_l1_first_order": round(float((normalize_scores({"l": fo_scores})["l"]
                                                - normalize_scores({"l": exact_scores})["l"]).abs().sum()), 4),
@@ -473,12 +366,12 @@ def emit_total(args: argparse.Namespace, model: nn.Module, layers: list[str], ba
         with torch.no_grad():
             return [model(images) for images, _ in batches]
 
-    log(f"all layers at once: first_order and plain forward ({args.repeats} rounds)")
+    log(f"all layers at once: first_order and plain forward ({args.attention_repeats} rounds)")
     times, results, _ = interleaved({
         "first_order": lambda: channel_attention_scores(model, layers, batches, method="first_order",
                                                         progress=False),
         "plain": plain,
-    }, args.repeats, device)
+    }, args.attention_repeats, device)
     fo_total = median(times["first_order"])
     naive_total = sum(r["naive_s"] for r in rows) - (len(rows) - 1) * plain_s  # one plain forward in all
     exact_total = sum(r["exact_s"] for r in rows)
@@ -507,59 +400,47 @@ def emit_total(args: argparse.Namespace, model: nn.Module, layers: list[str], ba
           "times": {k: [round(t, 4) for t in v] for k, v in times.items()}})
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    started = time.perf_counter()
-    torch.set_num_threads(args.threads)
-    try:
-        torch.set_num_interop_threads(1)
-    except RuntimeError:
-        pass
-    device = resolve_device(args.device)
-    machine = machine_info(device)
-    log(f"machine: {machine}")
+def _select(names: str, layers: list[str]) -> list[str]:
+    """``all``, ``none``, or comma-separated layer names / ``first`` / ``last`` of the preset."""
+    if names.strip() in ("all", ""):
+        return list(layers) if names.strip() == "all" else []
+    if names.strip() == "none":
+        return []
+    chosen = [{"first": layers[0], "last": layers[-1]}.get(n.strip(), n.strip()) for n in names.split(",") if n.strip()]
+    return list(dict.fromkeys(chosen))
+
+
+def run_attention(bench: Bench) -> None:
+    """The section: per-layer comparison, total, and the masks_per_forward sweep."""
+    args, device = bench.args, bench.device
     model, batches, head = build_l2fe_model(args, device)
-    layers = layer_preset(model, args.model, input_size=(3, args.image_size, args.image_size))
+    preset = layer_preset(model, args.model, input_size=(3, args.image_size, args.image_size))
+    layers = _select(args.attention_layers, preset)
     rng = np.random.default_rng(args.seed)
-    setup = {"model": args.model, "image_size": args.image_size, "batch_size": args.batch_size,
-             "batches": args.batches, "masks_per_forward": args.masks_per_forward, "repeats": args.repeats,
-             "seed": args.seed, **head}
+    setup = {"model": args.model, "pretrained": default_pretrained(args.model, args.pretrained),
+             "data": args.data, "image_size": args.image_size, "batch_size": args.batch_size,
+             "batches": args.attention_batches, "masks_per_forward": args.masks_per_forward,
+             "repeats": args.attention_repeats, "seed": args.seed, **head}
 
     def plain() -> list[Tensor]:
         with torch.no_grad():
             return [model(images) for images, _ in batches]
 
+    def emit(row: dict[str, Any]) -> None:
+        bench.emit("attention", row, setup)
+
     losses0 = [_batch_loss(logits, labels) for logits, (_, labels) in zip(plain(), batches)]
     plain_times, _, _ = interleaved({"plain": plain}, 3, device)
     plain_s = median(plain_times["plain"])  # plain forwards of all batches
 
-    out = open(args.json_out, "w") if args.json_out else None
-
-    def emit(row: dict[str, Any]) -> None:
-        line = json.dumps({**row, "machine": machine, "setup": setup})
-        print(line, flush=True)
-        if out is not None:
-            out.write(line + "\n")
-            out.flush()
-
     rows = []
-    for name in [] if args.only_sweep else layers:
+    for name in layers:
         row = measure_layer(args, model, name, batches, losses0, plain_s, device, rng)
         rows.append(row)
         emit({k: v for k, v in row.items() if not k.startswith("_")})
-
     if rows:
         emit_total(args, model, layers, batches, rows, plain_s, device, emit)
     values = sorted(int(v) for v in args.sweep_masks.split(",") if v.strip())
-    sweep_layers = [{"first": layers[0], "last": layers[-1]}.get(n.strip(), n.strip())
-                    for n in args.sweep_layers.split(",") if n.strip()] if values else []
-    for name in dict.fromkeys(sweep_layers):
+    for name in _select(args.sweep_layers, preset) if values else []:
         for row in masks_sweep(args, model, name, batches, device, values):
             emit(row)
-    log(f"done in {time.perf_counter() - started:.0f} s")
-    if out is not None:
-        out.close()
-
-
-if __name__ == "__main__":
-    main()
