@@ -1,4 +1,5 @@
-"""Command line: ``deltatl train | eval | predict | demo`` (also ``python -m deltatl``).
+"""Command line: ``deltatl train | eval | predict | demo | compare | search | attention | report | bench``
+(also ``python -m deltatl``).
 
 Errors in the user's input print one line (``deltatl: error: ...``) and exit with status 2; an
 interrupted training run exits with status 130 after writing a checkpoint that ``--resume`` continues.
@@ -355,9 +356,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run(resolve(args))
 
 
-COMMANDS = {"train": cmd_train, "compare": cmd_compare, "search": cmd_search, "attention": cmd_attention, "eval": cmd_eval, "predict": cmd_predict, "demo": cmd_demo}
-COMMANDS["report"] = cmd_report
-COMMANDS["bench"] = cmd_bench
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "demo": cmd_demo, "compare": cmd_compare,
+            "search": cmd_search, "attention": cmd_attention, "report": cmd_report, "bench": cmd_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
