@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from scipy.stats import ConstantInputWarning, spearmanr
 from torch import Tensor
 
 from ..attention import normalize_scores, read_scores
@@ -61,24 +63,11 @@ def weight_stats(weights: Tensor, top: int = TOP) -> dict[str, Any]:
             "favoured": [int(i) for i in order[:top]], "favoured_cw": [float(w[i] * c) for i in order[:top]]}
 
 
-def ranks(values: np.ndarray) -> np.ndarray:
-    """Ranks 0..n-1, ties sharing their mean rank."""
-    order = np.argsort(values, kind="mergesort")
-    r = np.empty(len(values), dtype=np.float64)
-    r[order] = np.arange(len(values))
-    for value in np.unique(values):
-        tied = values == value
-        if tied.sum() > 1:
-            r[tied] = r[tied].mean()
-    return r
-
-
 def spearman(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> float:
     """Spearman's rank correlation (NaN if either side is constant)."""
-    ra, rb = ranks(np.asarray(a, dtype=np.float64)), ranks(np.asarray(b, dtype=np.float64))
-    if ra.std() == 0 or rb.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
+    with warnings.catch_warnings():  # a constant side is a NaN here, not a warning
+        warnings.simplefilter("ignore", ConstantInputWarning)
+        return float(spearmanr(a, b).statistic)
 
 
 def plot_attention(weights: Mapping[str, Mapping[str, Tensor]], styles: Mapping[str, Mapping[str, Any]],

@@ -18,6 +18,7 @@ from typing import Any, Iterator, TextIO
 
 import numpy as np
 import torch
+from scipy.stats import ConstantInputWarning, spearmanr
 from torch import Tensor, nn
 
 
@@ -274,19 +275,8 @@ def step_memory(step: Callable[[], Any], resident: Callable[[], list[Tensor]], d
 
 # --- agreement ------------------------------------------------------------------------------------
 
-def _average_ranks(values: np.ndarray) -> np.ndarray:
-    """Ranks 0..n-1 with ties sharing their average rank (as scipy.stats.rankdata)."""
-    order = np.argsort(values, kind="mergesort")
-    ranks = np.empty(len(values), dtype=np.float64)
-    ranks[order] = np.arange(len(values), dtype=np.float64)
-    _, inverse = np.unique(values, return_inverse=True)
-    return (np.bincount(inverse, ranks) / np.bincount(inverse))[inverse]
-
-
 def spearman(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> float:
-    """Spearman rank correlation (Pearson correlation of average ranks), as scipy's ``spearmanr``;
-    NaN if either side is constant."""
-    ra, rb = _average_ranks(np.asarray(a, dtype=np.float64)), _average_ranks(np.asarray(b, dtype=np.float64))
-    if ra.std() == 0 or rb.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
+    """Spearman rank correlation (scipy's ``spearmanr``); NaN if either side is constant."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConstantInputWarning)
+        return float(spearmanr(a, b).statistic)

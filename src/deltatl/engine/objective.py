@@ -192,7 +192,7 @@ class Objective(nn.Module):
     def forward(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
         # The source runs first, so its forward's temporaries are freed before the target's autograd
         # graph exists: DELTA's peak memory is then l2's plus the source's weights and tapped maps
-        # (`deltatl bench --only memory`, EfficientNet-Lite0: 1.24x -> 1.06x l2). Same numbers: the
+        # (`deltatl bench --only memory`, EfficientNet-Lite0: 1.23x -> 1.04x l2). Same numbers: the
         # source is in eval mode and draws no random numbers.
         source = self.source_features(images) if self.method.feature_maps else None
         logits = self.model(images)
