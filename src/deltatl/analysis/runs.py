@@ -21,7 +21,7 @@ from torch import nn
 from torchvision import transforms as T
 
 from ..config import TrainConfig, make_config, read_run_config
-from ..data.transforms import _INTERPOLATION, default_resize, eval_transform
+from ..data.transforms import eval_transform, resize_transform
 from ..engine.fit import CHECKPOINT, METRICS, SUMMARY
 from ..engine.objective import get_method
 from ..errors import DeltatlError
@@ -307,14 +307,12 @@ def sample_images(run: Run, count: int, *, seed: int = 0, split: str = "test",
     chosen = list(indices) if indices is not None else pick_spread(collection.targets, count, seed)
     size = config.image_size
     keep_aspect = bool(getattr(config, "keep_aspect", False))
-    resize = config.resize or default_resize(size)
     if pre is None:
         # The architecture alone knows its normalisation; no weights are needed for that.
         pre = preprocessing(create_model(config.model, None, pretrained="none"))
     to_input = eval_transform(size, pre, config.resize, keep_aspect)
     # The same geometry without the normalisation: what the network sees, as a picture.
-    to_picture = T.Compose([T.Resize(resize if keep_aspect else (resize, resize), interpolation=_INTERPOLATION.get(
-        pre.interpolation, T.InterpolationMode.BILINEAR)), T.CenterCrop(size)])
+    to_picture = T.Compose([resize_transform(size, pre, config.resize, keep_aspect), T.CenterCrop(size)])
     tensors, pictures, sizes = [], [], []
     for i in chosen:
         image: Image.Image = collection.load(i)

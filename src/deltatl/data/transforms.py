@@ -25,8 +25,10 @@ def default_resize(image_size: int) -> int:
     return round(image_size * 256 / 224)
 
 
-def _resize(image_size: int, pre: Preprocessing, resize: int | None, keep_aspect: bool) -> T.Resize:
-    """To a ``resize`` square, or (``keep_aspect``) shorter edge to ``resize`` with the ratio kept."""
+def resize_transform(image_size: int, pre: Preprocessing, resize: int | None = None,
+                     keep_aspect: bool = False) -> T.Resize:
+    """To a ``resize`` square (default ``image_size * 256 / 224``), or (``keep_aspect``) shorter edge to
+    ``resize`` with the ratio kept: the geometry before every crop of training and evaluation."""
     size = resize or default_resize(image_size)
     if size < image_size:
         raise DeltatlError(f"--resize {size} is smaller than the --image-size {image_size} crop")
@@ -36,31 +38,16 @@ def _resize(image_size: int, pre: Preprocessing, resize: int | None, keep_aspect
 
 def train_transform(image_size: int, pre: Preprocessing, resize: int | None = None,
                     keep_aspect: bool = False) -> T.Compose:
-    if keep_aspect:  # a random crop anywhere in the (possibly long) resized image
-        return T.Compose([_resize(image_size, pre, resize, True), T.RandomCrop(image_size),
-                          T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(pre.mean, pre.std)])
-    size = resize or default_resize(image_size)
-    return T.Compose([
-        T.Resize((size, size), interpolation=_INTERPOLATION.get(pre.interpolation, T.InterpolationMode.BILINEAR)),
-        T.RandomCrop(image_size),
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        T.Normalize(pre.mean, pre.std),
-    ])
+    """The papers' augmentation: resize, random crop (anywhere in a long image with ``keep_aspect``), flip."""
+    return T.Compose([resize_transform(image_size, pre, resize, keep_aspect), T.RandomCrop(image_size),
+                      T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(pre.mean, pre.std)])
 
 
 def eval_transform(image_size: int, pre: Preprocessing, resize: int | None = None,
                    keep_aspect: bool = False) -> T.Compose:
-    if keep_aspect:
-        return T.Compose([_resize(image_size, pre, resize, True), T.CenterCrop(image_size), T.ToTensor(),
-                          T.Normalize(pre.mean, pre.std)])
-    size = resize or default_resize(image_size)
-    return T.Compose([
-        T.Resize((size, size), interpolation=_INTERPOLATION.get(pre.interpolation, T.InterpolationMode.BILINEAR)),
-        T.CenterCrop(image_size),
-        T.ToTensor(),
-        T.Normalize(pre.mean, pre.std),
-    ])
+    """Resize and centre crop."""
+    return T.Compose([resize_transform(image_size, pre, resize, keep_aspect), T.CenterCrop(image_size),
+                      T.ToTensor(), T.Normalize(pre.mean, pre.std)])
 
 
 class _StackCrops:
@@ -78,7 +65,7 @@ def ten_crop_transform(image_size: int, pre: Preprocessing, resize: int | None =
     """10-crop testing: the image resized as by :func:`eval_transform`, then a ``(10, 3, s, s)`` stack
     of the 4 corner crops, the centre crop and their horizontal flips (``torchvision.transforms.TenCrop``
     order). :func:`deltatl.engine.evaluate.evaluate` averages the logits of the 10 crops."""
-    return T.Compose([_resize(image_size, pre, resize, keep_aspect), T.TenCrop(image_size), _StackCrops(pre)])
+    return T.Compose([resize_transform(image_size, pre, resize, keep_aspect), T.TenCrop(image_size), _StackCrops(pre)])
 
 
 def evaluation_transform(image_size: int, pre: Preprocessing, resize: int | None = None, keep_aspect: bool = False,
