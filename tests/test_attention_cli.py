@@ -157,3 +157,33 @@ def test_an_attention_file_with_a_wrong_channel_count_is_one_error_line(cli, tin
     assert line.startswith("deltatl: error: --attention-file: ")
     assert layers[2] in line and f"expected {channels[layers[2]]} channels, found {channels[layers[2]] + 1}" in line
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_the_attention_l2_fe_fit_follows_the_official_exponential_lr_per_epoch(attention, image_folder, tmp_path):
+    # channel_eval.py: ExponentialLR(gamma=0.1 ** (1 / 6)) stepped once per epoch: 0.01, 0.00681, 0.00464, ...
+    work = tmp_path / "work"
+    result = attention(image_folder(), tmp_path / "scores.json", "--out", work, "--attention-epochs", "10")
+    assert result.code == 0, result.err
+    (metrics,) = work.glob("attention_fe/*/metrics.jsonl")
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == list(range(1, 11))
+    expected = [0.01 * 0.1 ** (epoch / 6) for epoch in range(10)]
+    assert [r["lr"] for r in rows] == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("content", ["my notes\n", '{"format": "something else"}', "[1, 2]"])
+def test_attention_output_never_replaces_a_file_it_did_not_write(attention, image_folder, tmp_path, content):
+    notes = tmp_path / "notes.txt"
+    notes.write_text(content)
+    result = attention(image_folder(), notes, "--out", tmp_path / "work")
+    assert result.code == 2 and "exists and is not a deltatl attention file" in result.err
+    assert notes.read_text() == content
+    assert not (tmp_path / "work").exists()  # refused before any work
+
+
+def test_attention_output_replaces_its_own_earlier_file(attention, image_folder, tmp_path):
+    output = tmp_path / "scores.json"
+    assert attention(image_folder(), output, "--out", tmp_path / "work").code == 0
+    first = output.read_text()
+    assert attention(image_folder(), output, "--out", tmp_path / "work").code == 0
+    assert json.loads(output.read_text())["format"] == json.loads(first)["format"] == FORMAT

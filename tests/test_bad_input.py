@@ -324,3 +324,45 @@ def test_a_real_process_warns_about_a_corrupt_image_on_one_line_and_trains(tmp_p
                         f"(first: train/red/junk.png)"]
     assert "test top-1 %" in proc.stdout
     assert (tmp_path / "run" / "summary.json").exists()
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--alpha", "-1"], "--alpha must be a finite number >= 0"),
+    (["--beta", "-0.5"], "--beta must be a finite number >= 0"),
+    (["--weight-decay=-1e-4"], "--weight-decay must be a finite number >= 0"),
+    (["--alpha", "nan"], "--alpha must be a finite number"),
+    (["--lr", "inf"], "--lr must be a finite number"),
+    (["--momentum", "1.5"], "--momentum must be in [0, 1)"),
+    (["--momentum", "-0.1"], "--momentum must be in [0, 1)"),
+    (["--attention-temperature", "0"], "--attention-temperature must be positive"),
+])
+def test_bad_numbers_are_refused_where_they_are_parsed_with_one_line(train, image_folder, tmp_path, flags, fragment):
+    out = tmp_path / "run"
+    assert_one_error_line(train(image_folder(), *flags, out=out), fragment)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["compare", "--methods", "l2-sp", "--alpha-grid"], "--alpha-grid needs at least one value"),
+    (["compare", "--methods", "l2-sp", "--alpha-grid", "l2-sp=-1"], "--alpha-grid: -1 must be a finite number >= 0"),
+    (["compare", "--methods", "l2-sp", "--alpha-grid", "l2-sp="], "bad --alpha-grid item"),
+    (["search", "--method", "l2-sp", "--alpha-grid"], "--alpha-grid needs at least one value"),
+    (["search", "--method", "l2-sp", "--lr-grid"], "--lr-grid needs at least one value"),
+])
+def test_grid_flags_given_without_usable_values_are_refused(cli, tmp_path, argv, fragment):
+    assert_one_error_line(cli(*argv, "--out", tmp_path / "out"), fragment)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv", [["compare", "--seeds", "0"], ["predict", "--top-k", "0", "x.png"]])
+def test_counts_below_one_are_refused_by_the_parser(cli, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        cli(*argv)
+    assert exit_info.value.code == 2
+
+
+def test_a_diverging_run_stops_with_one_line_and_reports_nothing_as_if_it_were_fine(train, image_folder, tmp_path):
+    out = tmp_path / "run"
+    line = assert_one_error_line(train(image_folder(), "--lr", "1e12", out=out), "training diverged", "Lower --lr")
+    assert "in epoch 1" in line and "no checkpoint was written" in line
+    assert not (out / "summary.json").exists() and not (out / "checkpoint.pt").exists()

@@ -200,3 +200,17 @@ def test_l2_trains_the_backbone_too(cli, image_folder, source_checkpoint, tiny_t
     changed = backbone_differences(trained, source)
     assert "conv1.0.weight" in changed and any("running_mean" in k for k in changed)
     assert trained["fc.weight"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("source_bn", ["batch", "running"])
+def test_a_delta_run_logs_per_epoch_how_much_of_its_term_batchnorm_statistics_alone_make(
+        cli, image_folder, tiny_train_args, tmp_path, source_bn):
+    run = tmp_path / "run"
+    result = cli("train", "--data", image_folder(), *[a for a in tiny_train_args if a not in ("--epochs", "1")],
+                 "--epochs", "2", "--method", "delta-noatt", "--delta-source-bn", source_bn, "--out", run)
+    assert result.code == 0, result.err
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert all(r["delta/bn_gap"] > 0 for r in rows)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["alpha"] == 0.1 and summary["alpha_from"].startswith("deltatl's default for --delta-reduction relative")

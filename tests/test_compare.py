@@ -180,3 +180,36 @@ def test_rerunning_compare_reuses_every_run_and_prints_the_same_table(compared, 
     assert {p: p.stat().st_mtime_ns for p in out.rglob("summary.json")} == before
     assert {name: (out / name).read_bytes() for name in files} == files
     assert again.out.startswith(files["results.md"].decode().split("\n\n")[0] + "\n")
+
+
+def test_every_method_is_paired_by_seed_with_each_baseline_and_a_rifle_spec_with_its_method(tmp_path):
+    noise = {0: 0.0, 1: 1.0, 2: -1.0}
+    test = {"l2": lambda c: 50.0 + c.seed, "l2-sp": lambda c: 51.0 + c.seed,
+            "delta": lambda c: 52.0 + c.seed + noise[c.seed], "delta+rifle1": lambda c: 52.5 + c.seed + noise[c.seed]}
+    trainer = FakeTrainer(val=lambda c: 70.0, test=lambda c: test[f"{c.method}+rifle{c.rifle}" if c.rifle else c.method](c))
+    compare(TrainConfig(), ["l2", "l2-sp", "delta", "delta+rifle1"], [0, 1, 2], str(tmp_path / "cmp"), train=trainer)
+    with open(tmp_path / "cmp" / "paired.csv") as f:
+        rows = {(r["method"], r["minus"]): r for r in csv.DictReader(f)}
+    assert set(rows) == {("l2", "l2-sp"), ("l2-sp", "l2"), ("delta", "l2"), ("delta", "l2-sp"),
+                         ("delta+rifle1", "l2"), ("delta+rifle1", "l2-sp"), ("delta+rifle1", "delta")}
+    # delta - l2 per seed: 2, 3, 1: mean 2, std 1, 95 % interval 2 -+ t(0.975, 2) / sqrt(3) = 2 -+ 2.484
+    row = rows[("delta", "l2")]
+    assert float(row["diff_mean"]) == pytest.approx(2.0) and float(row["diff_std"]) == pytest.approx(1.0)
+    assert float(row["ci_low"]) == pytest.approx(2 - 4.302653 / 3 ** 0.5, abs=1e-5)
+    assert float(row["ci_high"]) == pytest.approx(2 + 4.302653 / 3 ** 0.5, abs=1e-5)
+    # the same seed's images on both sides: a constant offset has no spread
+    rifle = rows[("delta+rifle1", "delta")]
+    assert float(rifle["diff_mean"]) == pytest.approx(0.5) and float(rifle["ci_low"]) == pytest.approx(0.5)
+    assert "| delta | l2 | 3 | +2.00 | 1.00 | [-0.48, +4.48] |" in (tmp_path / "cmp" / "results.md").read_text()
+
+
+def test_results_of_the_authors_delta_settings_get_their_own_file_names_beside_the_defaults(tmp_path):
+    trainer = FakeTrainer(val=lambda c: 70.0)
+    official = TrainConfig(delta_source_bn="running", delta_reduction="sum")
+    compare(official, ["l2", "delta"], [0, 1], str(tmp_path / "cmp"), train=trainer)
+    compare(TrainConfig(), ["l2", "delta"], [0, 1], str(tmp_path / "cmp"), train=trainer)
+    names = sorted(p.name for p in (tmp_path / "cmp").glob("results*.md"))
+    assert names == ["results-source-bn-running_reduction-sum.md", "results.md"]
+    folders = {Path(c.out).relative_to(tmp_path / "cmp").parts[:2] for c in trainer.configs}
+    assert folders == {("l2", "seed0"), ("l2", "seed1"), ("delta", "seed0"), ("delta", "seed1"),
+                       ("delta", "source-bn-running_reduction-sum")}

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from deltatl.cli import _config_from, build_parser
-from deltatl.config import TrainConfig, dump_yaml, load_yaml, make_config, read_run_config
+from deltatl.config import RELATIVE_ALPHA, TrainConfig, dump_yaml, load_yaml, make_config, read_run_config
 from deltatl.errors import DeltatlError
 
 SKIP = ("command", "config", "resume", "quiet")
@@ -159,3 +159,44 @@ def test_the_saved_config_reads_back_as_the_same_config(tmp_path):
     assert read_run_config(path) == config.result_fields()
     assert make_config(load_yaml(path), {}) == config
     assert yaml.safe_load(open(path))["weight_decay"] == 1e-4
+
+
+@pytest.mark.parametrize("settings, alpha", [
+    ({"method": "l2"}, None),
+    ({"method": "l2-fe"}, None),
+    ({"method": "l2-sp"}, 0.01),  # the authors'
+    ({"method": "delta", "delta_reduction": "sum"}, 0.01),  # the authors'
+    ({"method": "delta-noatt", "delta_reduction": "sum"}, 0.01),
+    ({"method": "delta"}, RELATIVE_ALPHA),  # the relative term's own default
+    ({"method": "delta-noatt"}, RELATIVE_ALPHA),
+    ({"method": "delta", "alpha": 0.3}, 0.3),  # given: used as it is
+    ({"method": "l2", "alpha": 0.3}, None),  # a method without alpha has none
+])
+def test_alpha_resolves_per_method_and_delta_reduction(settings, alpha):
+    assert TrainConfig(**settings).resolved_alpha() == alpha
+
+
+def test_the_product_defaults_for_delta_are_the_relative_term_on_batch_statistics_and_presets_can_pin_the_authors():
+    config = TrainConfig(method="delta")
+    assert (config.delta_reduction, config.delta_source_bn) == ("relative", "batch")
+    official = config_from_argv("--method", "delta", "--delta-reduction", "sum", "--delta-source-bn", "running")
+    assert (official.delta_reduction, official.delta_source_bn, official.resolved_alpha()) == ("sum", "running", 0.01)
+
+
+def test_result_fields_hold_only_the_settings_the_method_uses_with_alpha_resolved():
+    plain = TrainConfig(method="l2").result_fields()
+    assert not {"alpha", "beta"} & set(plain)
+    assert not [k for k in plain if k.startswith(("delta_", "attention_"))]
+    noatt = TrainConfig(method="delta-noatt").result_fields()
+    assert noatt["alpha"] == RELATIVE_ALPHA and noatt["delta_source_bn"] == "batch"
+    assert not [k for k in noatt if k.startswith("attention_")]
+    assert "attention_temperature" in TrainConfig(method="delta").result_fields()
+    # so a run of l2 is the same run whatever DELTA's settings were on the command line
+    assert TrainConfig(method="l2", alpha=5.0, delta_reduction="sum").result_fields() == plain
+
+
+@pytest.mark.parametrize("flag", ["--alpha", "--beta"])
+@pytest.mark.parametrize("value", ["-0.1", "nan", "inf"])
+def test_negative_or_non_finite_alpha_and_beta_are_refused(flag, value):
+    with pytest.raises(DeltatlError, match=f"{flag} must be a finite number"):
+        config_from_argv(flag, value)

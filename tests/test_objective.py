@@ -147,6 +147,57 @@ def test_delta_term_is_zero_in_eval_mode_when_target_equals_source_and_positive_
     assert objective.train()(*batch())["reg/delta"].item() > 0
 
 
+@pytest.mark.parametrize("method", ["delta-noatt", "delta"])
+@pytest.mark.parametrize("reduction", ["sum", "relative"])
+def test_with_the_source_on_batch_statistics_the_delta_term_is_exactly_zero_at_step_zero(method, reduction):
+    objective = make_objective(method, alpha=1.0, source_bn="batch", reduction=reduction).train()
+    images, labels = batch()
+    out = objective(images, labels)
+    assert out["reg/delta"].item() == 0.0
+    # ... while the official source (running statistics) gives a positive term on the same batch: the
+    # part of it that measures the statistics alone, which statistics_gap reports in both settings
+    official = make_objective(method, alpha=1.0, source_bn="running", reduction=reduction).train()
+    step_zero = official(images, labels)["reg/delta"]
+    assert step_zero.item() > 0
+    torch.testing.assert_close(official.statistics_gap(images), step_zero, rtol=1e-5, atol=0)
+    torch.testing.assert_close(objective.statistics_gap(images), step_zero, rtol=1e-5, atol=0)
+
+
+def test_with_the_source_on_batch_statistics_the_term_measures_what_training_changed():
+    model = tiny_model()
+    source = copy.deepcopy(model).train()  # the pretrained network on batch statistics, without hooks
+    layers = layers_of(model)
+    objective = Objective(model, "delta", alpha=1.0, layers=layers, channel_weights=peaked_weights(model, layers),
+                          source_bn="batch")
+    perturb_backbone(objective.model)
+    images, labels = batch()
+    target = copy.deepcopy(source)
+    target.load_state_dict(objective.model.state_dict())
+    with FeatureHooks(target, objective.layers) as t_hooks, FeatureHooks(source, objective.layers) as s_hooks, \
+            torch.no_grad():
+        target(images)
+        source(images)  # a plain copy of the source in train mode: batch statistics
+        expected = delta_distance(t_hooks.pop(), s_hooks.pop(), objective.channel_weights())
+    torch.testing.assert_close(objective.train()(images, labels)["reg/delta"], expected, rtol=1e-5, atol=0)
+
+
+def test_the_source_on_batch_statistics_keeps_its_running_statistics_and_draws_nothing_random():
+    objective = make_objective("delta-noatt", source_bn="batch")
+    before = {k: v.clone() for k, v in objective.source.state_dict().items()}
+    for step in range(2):
+        objective.train()(*batch(seed=step))
+        objective.eval()
+    assert all(torch.equal(objective.source.state_dict()[k], v) for k, v in before.items())
+    norms = [m for m in objective.source.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    others = [m for m in objective.source.modules() if m not in norms and m is not objective.source]
+    assert all(m.training for m in norms) and not any(m.training for m in others)
+
+
+def test_an_unknown_source_batchnorm_mode_is_refused():
+    with pytest.raises(DeltatlError, match="source BatchNorm mode"):
+        make_objective("delta-noatt", source_bn="frozen")
+
+
 def test_delta_with_uniform_channel_weights_equals_delta_noatt():
     model = tiny_model()
     layers = layers_of(model)

@@ -61,6 +61,8 @@ def test_each_cell_holds_the_paper_protocol_for_its_network_dataset_and_method(t
     assert config.schedule == "step" and config.val_per_class == 0
     assert config.keep_aspect is config.ten_crop is (table == 2)
     assert config.alpha == (0.1 if data == "stanford-dogs" else 0.01)
+    # the authors' DELTA term, not deltatl's defaults
+    assert (config.delta_reduction, config.delta_source_bn) == ("sum", "running")
     assert (config.checkpoint is not None) is (data == "mit-indoor67")  # Places365 source weights
     assert config.aux_weight == 0 and config.rifle == 0
     assert (config.head_dropout, config.head_dropconnect, config.drop_path_rate, config.disturb_label) == (0, 0, 0, 0)

@@ -43,6 +43,35 @@ def test_mean_reduction_is_the_sum_divided_by_the_batch_size():
     assert delta_distance(target, source, weights, reduction="mean").item() == 6.875 / 2
 
 
+def test_relative_reduction_divides_each_layer_by_the_sources_summed_squared_activation():
+    target, source = one_layer_pair()
+    source = {"layer": source["layer"] * 2}  # 1.0 everywhere: sum_b sum_c mean_hw(1) = 4
+    target = {"layer": source["layer"] + (target["layer"] - 0.5)}  # the same differences as before
+    assert delta_distance(target, source, reduction="relative").item() == 5.25 / 4
+
+
+@pytest.mark.parametrize("scale", [1e-3, 7.0, 1e4])
+def test_the_relative_term_is_unchanged_when_a_layers_activations_are_scaled(scale):
+    generator = torch.Generator().manual_seed(0)
+    source = {"a": torch.randn(4, 8, 5, 5, generator=generator), "b": torch.randn(4, 16, 3, 3, generator=generator)}
+    target = {k: v + 0.3 * torch.randn(v.shape, generator=generator) for k, v in source.items()}
+    weights = {"a": torch.softmax(torch.randn(8, generator=generator), 0), "b": torch.full((16,), 1 / 16)}
+    reference = delta_distance(target, source, weights, reduction="relative")
+    scaled_target, scaled_source = dict(target), dict(source)
+    scaled_target["a"], scaled_source["a"] = target["a"] * scale, source["a"] * scale
+    torch.testing.assert_close(delta_distance(scaled_target, scaled_source, weights, reduction="relative"),
+                               reference, rtol=1e-5, atol=0)
+    # ... and with the batch repeated (another batch size) as well
+    doubled = {k: torch.cat([v, v]) for k, v in target.items()}, {k: torch.cat([v, v]) for k, v in source.items()}
+    torch.testing.assert_close(delta_distance(*doubled, weights, reduction="relative"), reference, rtol=1e-5, atol=0)
+
+
+def test_given_energies_replace_the_batchs_own():
+    target, source = one_layer_pair()
+    assert delta_distance(target, source, reduction="relative", energies={"layer": torch.tensor(2.0)}).item() \
+        == 5.25 / 2
+
+
 def test_delta_distance_is_zero_when_target_equals_source():
     features = {"a": torch.randn(3, 4, 5, 5), "b": torch.randn(3, 8)}
     assert delta_distance(features, features).item() == 0.0

@@ -29,21 +29,37 @@ def test_a_budget_that_is_not_whole_epochs_is_cut_into_iterations():
     assert rifle_steps(42, 1, steps_per_epoch=5) == [21]
 
 
+def test_ten_epochs_with_three_reinitialisations_follow_the_authors_periods_and_the_last_head_keeps_the_rest():
+    # train.py: periods of floor(10 / 4) = 2 epochs; re-inits after epochs 2, 4, 6; the last head trains 4
+    assert rifle_steps(10 * 9, 3, steps_per_epoch=9) == [18, 36, 54]
+    assert rifle_steps(10, 3) == [2, 4, 6]
+
+
 @pytest.mark.parametrize("total, times, steps_per_epoch", [
     (200, 1, 5), (200, 2, 5), (200, 3, 5), (7 * 4, 3, 4), (10 * 3, 9, 3), (97, 4, None), (1000, 7, None),
-    (12, 11, None)])
-def test_events_are_evenly_spaced_strictly_inside_training_and_none_in_the_final_period(total, times,
+    (12, 11, None), (90, 3, 9)])
+def test_periods_are_floor_of_units_over_k_plus_one_and_the_remainder_goes_to_the_last_head(total, times,
                                                                                            steps_per_epoch):
     events = rifle_steps(total, times, steps_per_epoch)
-    unit = steps_per_epoch or 1
+    unit = steps_per_epoch if steps_per_epoch and total % steps_per_epoch == 0 else 1
+    period = unit * (total // unit // (times + 1))
     assert len(events) == times
-    assert all(step % unit == 0 for step in events)
     bounds = [0, *events, total]
     periods = [b - a for a, b in zip(bounds, bounds[1:])]
-    assert min(periods) >= unit  # strictly increasing, nothing at 0 or at the end
-    assert max(periods) - min(periods) <= unit  # as even as whole units allow
-    assert periods[-1] >= unit  # the last period trains the last head
-    assert events[-1] <= total - total // (times + 1) + unit
+    assert periods[:-1] == [period] * times  # equal whole-unit periods, as the authors' code
+    assert periods[-1] == total - times * period >= period  # nothing cut; none in the final period
+    assert periods[-1] - period < (times + 1) * unit  # the remainder is less than one unit per period
+
+
+def test_a_reinitialisation_after_the_step_decay_or_a_short_last_head_is_warned_about():
+    from deltatl.engine.rifle import rifle_warnings
+
+    assert rifle_warnings([18, 36, 54], 90, decay_step=60) == []
+    late = rifle_warnings([22, 45, 67], 90, decay_step=60)
+    assert len(late) == 1 and "after the learning rate was divided" in late[0] and "cosine" in late[0]
+    short = rifle_warnings([40, 85], 90, decay_step=None)
+    assert len(short) == 1 and "5 of 90 steps" in short[0]
+    assert rifle_warnings([], 90, decay_step=60) == []
 
 
 def test_zero_reinitialisations_give_no_events():
@@ -81,9 +97,9 @@ def head_and_optimizer(fan_in: int = 256, classes: int = 64, momentum: float = 0
 def test_after_step_fires_exactly_at_the_given_steps():
     _, head, optimizer = head_and_optimizer()
     rifle = Rifle(head, rifle_steps(60, 2, steps_per_epoch=6))
-    assert rifle.steps == [18, 42]  # 10 epochs of 6 steps: after epochs 3 and 7
+    assert rifle.steps == [18, 36]  # 10 epochs of 6 steps: periods of 3 epochs, the last head trains 4
     fired = [step for step in range(1, 61) if rifle.after_step(step, optimizer)]
-    assert fired == [18, 42]
+    assert fired == [18, 36]
 
 
 def test_reinitialisation_is_in_place_so_the_optimizer_still_holds_the_same_parameters():
@@ -170,13 +186,14 @@ def rifle_rows(run) -> list[int]:
     return [r["step"] for r in rows if r.get("event") == "rifle"]
 
 
-@pytest.mark.parametrize("flags, expected", [
-    # 18 training images in batches of 4: 4 steps per epoch
-    (["--epochs", "4", "--rifle", "3"], [4, 8, 12]),
-    (["--iters", "10", "--rifle", "1"], [5]),
+@pytest.mark.parametrize("flags, expected, late", [
+    # 18 training images in batches of 4: 4 steps per epoch; the step schedule divides the lr after step 11
+    (["--epochs", "4", "--rifle", "3"], [4, 8, 12], True),
+    (["--epochs", "4", "--rifle", "3", "--schedule", "cosine"], [4, 8, 12], False),
+    (["--iters", "10", "--rifle", "1"], [5], False),
 ])
 def test_a_training_run_reinitialises_the_head_exactly_k_times_at_the_planned_steps(
-        cli, image_folder, tiny_train_args, tmp_path, monkeypatch, flags, expected):
+        cli, image_folder, tiny_train_args, tmp_path, monkeypatch, recwarn, flags, expected, late):
     heads = []
     original = rifle_module.init_head_
 
@@ -190,6 +207,10 @@ def test_a_training_run_reinitialises_the_head_exactly_k_times_at_the_planned_st
     result = cli("train", "--data", image_folder(), *base, "--method", "l2", *flags, "--out", run)
     assert result.code == 0, result.err
     assert rifle_rows(run) == expected
+    # a re-initialisation after the step decay is warned about (the CLI prints it as one line)
+    notes = [str(w.message) for w in recwarn if issubclass(w.category, rifle_module.RifleWarning)]
+    assert [n.startswith("RIFLE re-initialises the head at step 12, after the learning rate was divided")
+            for n in notes] == ([True] if late else [])
     assert len(heads) == len(expected)
     assert all(isinstance(h, nn.Linear) and h.out_features == 3 for h in heads)
     summary = json.loads((run / "summary.json").read_text())

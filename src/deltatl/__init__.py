@@ -3,6 +3,7 @@ from .config import TrainConfig as TrainConfig
 from .data import load_splits as load_splits
 from .engine.fit import fit as fit
 from .engine.objective import Objective as Objective
+from .engine.rifle import rifle_steps as rifle_steps
 from .models import create_model as create_model
 from .run import train_run as train_run
 

@@ -16,7 +16,9 @@ import warnings
 from typing import Any, Sequence
 
 from .config import TrainConfig, load_yaml, make_config
+from .engine.objective import SOURCE_BN_MODES
 from .errors import DeltatlError
+from .regularizers import DELTA_REDUCTIONS
 
 # The main job: DELTA (attention included) next to plain fine-tuning, on the embedded default, in a
 # few minutes on a 2-core CPU. Validation and test subsets keep it short. alpha: the official 0.01 makes
@@ -24,6 +26,24 @@ from .errors import DeltatlError
 # feature maps move a lot); 1e-4 is the value the README's comparison chose on the validation split.
 DEMO_METHODS = ("l2", "delta")
 DEMO_DEFAULTS = {"val_per_class": 20, "test_per_class": 300, "alpha": 1e-4}
+
+
+def _at_least_one(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _given_grids(args: argparse.Namespace) -> None:
+    """A grid flag given with no values is a mistake, not "no grid"."""
+    for name in ("alpha_grid", "beta_grid", "lr_grid"):
+        if getattr(args, name, None) == []:
+            raise DeltatlError(f"--{name.replace('_', '-')} needs at least one value")
 
 
 def _train_options(parser: argparse.ArgumentParser) -> None:
@@ -64,12 +84,18 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
              "weight x its cross-entropy to the training loss (torchvision's recipe: 0.4); default 0: removed")
     g = parser.add_argument_group("method")
     add("--method", help=f"l2, l2-fe, l2-sp, delta-noatt or delta (default {d.method})")
-    add("--alpha", type=float, help=f"weight of the L2-SP / DELTA term (default {d.alpha}, official)")
+    add("--alpha", type=float, help="weight of the L2-SP / DELTA term (default: the authors' 0.01, and 0.1 "
+                                    "for DELTA's relative term, chosen by cross-validation: see README)")
     add("--beta", type=float, help=f"weight of the head's L2 term for l2-sp / delta* (default {d.beta})")
     add("--delta-layers", help="comma-separated module names whose feature maps DELTA regularizes "
                                "(default: the architecture's preset)")
-    add("--delta-reduction", choices=("sum", "mean"),
-        help="DELTA term over the batch: sum (official; alpha tuned for batch 64) or mean")
+    add("--delta-reduction", choices=DELTA_REDUCTIONS,
+        help="DELTA's term: relative (default: each layer's squared distance over the source's squared "
+             "activation, so alpha means the same for any model, image size or batch), sum (official: "
+             "summed over the batch, alpha tuned for ResNet-101 at 224 px and batch 64) or mean (sum / batch)")
+    add("--delta-source-bn", choices=SOURCE_BN_MODES,
+        help="the source network's BatchNorm in DELTA's term: batch statistics (default; the term is 0 "
+             "at step 0 and measures only what training changed) or its running statistics (official)")
     add("--rifle", type=int, help="RIFLE: re-initialise the head K times, evenly spaced (default 0)")
     add("--rifle-reset-momentum", action="store_true", help="RIFLE: also clear the head's momentum")
     add("--rifle-cyclic-lr", action="store_true", help="RIFLE: restarting cosine learning rate for the head")
@@ -148,14 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="top-k classes of image files")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--checkpoint", help="a run directory or checkpoint.pt (default: the embedded ImageNet model)")
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-k", type=_at_least_one, default=5)
     p.add_argument("--device", default="auto")
 
     p = sub.add_parser("compare", help="methods x seeds with one budget: a mean +/- std table")
     p.add_argument("--methods", nargs="+", default=["l2", "l2-fe", "l2-sp", "delta-noatt", "delta"],
                    help="method specs, e.g. l2 l2-sp delta delta+rifle3")
-    p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (default 5, as the paper)")
-    p.add_argument("--alpha-grid", nargs="*", default=[],
+    p.add_argument("--seeds", type=_at_least_one, default=5, help="seeds 0..N-1 (default 5, as the paper)")
+    p.add_argument("--alpha-grid", nargs="*", default=None,
                    help="choose each method's alpha on the first seed's validation split among these: "
                         "0.001 0.01 (every method) or per method, delta=1e-4,1e-3 l2-sp=1e-3,1e-2")
     p.add_argument("--config", help="YAML file of shared settings")
@@ -165,9 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("search", help="alpha (and beta, lr) of one method by k-fold cross-validation, "
                                       "then a refit evaluated on the test split (Optuna)")
-    p.add_argument("--alpha-grid", nargs="*", default=[], help="candidate alphas, e.g. 1e-4 1e-3 1e-2")
-    p.add_argument("--beta-grid", nargs="*", default=[], help="candidate betas (default: --beta alone)")
-    p.add_argument("--lr-grid", nargs="*", default=[], help="candidate learning rates (default: --lr alone)")
+    p.add_argument("--alpha-grid", nargs="*", default=None, help="candidate alphas, e.g. 1e-4 1e-3 1e-2")
+    p.add_argument("--beta-grid", nargs="*", default=None, help="candidate betas (default: --beta alone)")
+    p.add_argument("--lr-grid", nargs="*", default=None, help="candidate learning rates (default: --lr alone)")
     p.add_argument("--folds", type=int, default=5, help="k of the stratified k-fold split of the training "
                                                         "split (default 5)")
     p.add_argument("--storage", help="study database shared by workers on several machines, e.g. "
@@ -264,29 +290,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import compare, markdown_table, parse_alpha_grid
+    from .compare import compare, markdown_table, paired_differences, paired_table, parse_alpha_grid
     from .run import train_run
 
+    _given_grids(args)
     base = _config_from(args, ("command", "config", "methods", "seeds", "alpha_grid", "quiet", "resume"))
     out = base.out or os.path.join("runs", "compare")
-    rows = compare(base, args.methods, list(range(args.seeds)), out, parse_alpha_grid(args.alpha_grid),
+    rows = compare(base, args.methods, list(range(args.seeds)), out, parse_alpha_grid(args.alpha_grid or []),
                    train=lambda c: train_run(c, resume=args.resume, progress=not args.quiet))
     print(markdown_table(rows))
-    print(f"(results.md, results.csv and every run directory in {out})")
+    paired = paired_differences({r["method"]: r["tests"] for r in rows})
+    if paired and args.seeds > 1:
+        print("\nPaired by seed, test top-1 of the method minus the other:\n" + paired_table(paired))
+    print(f"(results.md, results.csv, paired.csv and every run directory in {out})")
     return 0
 
 
 def cmd_search(args: argparse.Namespace) -> int:
     from .run import open_splits, train_run
-    from .search import Grid, check_search, markdown, parse_grid_values, search
+    from .config import parse_grid_values
+    from .search import Grid, check_search, markdown, search
 
+    _given_grids(args)
     skip = ("command", "config", "alpha_grid", "beta_grid", "lr_grid", "folds", "storage", "study_name", "poll",
             "quiet", "resume")
     file_values = load_yaml(args.config) if args.config else {}
     # Every training image takes part in the folds unless a held-out validation split is asked for.
     base = make_config({"val_per_class": 0, **file_values}, {k: v for k, v in vars(args).items() if k not in skip})
-    grid = Grid(parse_grid_values("--alpha-grid", args.alpha_grid), parse_grid_values("--beta-grid", args.beta_grid),
-                parse_grid_values("--lr-grid", args.lr_grid))
+    grid = Grid(parse_grid_values("--alpha-grid", args.alpha_grid or []),
+                parse_grid_values("--beta-grid", args.beta_grid or []), parse_grid_values("--lr-grid", args.lr_grid or []))
     out = base.out or os.path.join("runs", f"search_{base.method}")
     check_search(base, grid, args.folds, out)  # before the data is opened
     import optuna

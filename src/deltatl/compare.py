@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import re
 import statistics
 from dataclasses import replace
 from typing import Any, Callable, Sequence
 
-from .config import TrainConfig
+from .config import TrainConfig, parse_grid_values
 from .engine.objective import get_method
 from .errors import DeltatlError
 
@@ -31,12 +32,23 @@ def parse_spec(spec: str) -> tuple[str, int]:
     return match["method"], int(match["rifle"] or 0)
 
 
+def settings_tag(config: TrainConfig) -> str:
+    """``"source-bn-running_reduction-sum"`` for DELTA's term set otherwise than the defaults, else "":
+    runs of both settings can then share one comparison folder (and its l2, l2-sp, l2-fe runs)."""
+    if not get_method(config.method).feature_maps:
+        return ""
+    default = TrainConfig()
+    parts = [f"{name}-{getattr(config, field)}" for name, field in
+             (("source-bn", "delta_source_bn"), ("reduction", "delta_reduction"))
+             if getattr(config, field) != getattr(default, field)]
+    return "_".join(parts)
+
+
 def _run_config(base: TrainConfig, out: str, spec: str, seed: int, alpha: float | None) -> TrainConfig:
     method, rifle = parse_spec(spec)
-    alpha_part = "" if alpha is None else f"alpha{alpha:g}"
-    folder = os.path.join(out, spec, alpha_part, f"seed{seed}") if alpha_part else os.path.join(out, spec, f"seed{seed}")
-    return replace(base, method=method, rifle=rifle, seed=seed, out=folder,
-                   alpha=base.alpha if alpha is None else alpha)
+    config = replace(base, method=method, rifle=rifle, seed=seed, alpha=base.alpha if alpha is None else alpha)
+    parts = [spec, settings_tag(config), "" if alpha is None else f"alpha{alpha:g}", f"seed{seed}"]
+    return replace(config, out=os.path.join(out, *[p for p in parts if p]))
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -51,10 +63,9 @@ def parse_alpha_grid(items: Sequence[str]) -> dict[str, list[float]]:
     grids: dict[str, list[float]] = {}
     for item in items:
         method, _, values = item.rpartition("=")
-        try:
-            numbers = [float(v) for v in values.split(",") if v]
-        except ValueError:
-            raise DeltatlError(f"bad --alpha-grid item '{item}' (e.g. 0.01 or delta=1e-4,1e-3)") from None
+        numbers = list(parse_grid_values("--alpha-grid", [values]))
+        if not numbers:
+            raise DeltatlError(f"bad --alpha-grid item '{item}' (e.g. 0.01 or delta=1e-4,1e-3)")
         if method:
             get_method(method)
         grids.setdefault(method or "*", []).extend(numbers)
@@ -95,13 +106,43 @@ def compare(base: TrainConfig, specs: Sequence[str], seeds: Sequence[int], out: 
         summaries = [train(_run_config(base, out, spec, seed, alpha)) for seed in seeds]
         val = [s["val_top1"] for s in summaries if s["val_top1"] is not None]
         test = [s["test_top1"] for s in summaries]
-        row = {"method": spec, "alpha": alpha if alpha is not None else (
-            base.alpha if get_method(method).starting_point or get_method(method).feature_maps else None),
+        row = {"method": spec, "alpha": alpha if alpha is not None else replace(base, method=method).resolved_alpha(),
                "runs": len(summaries), "test_mean": _mean_std(test)[0], "test_std": _mean_std(test)[1],
                "val_mean": _mean_std(val)[0] if val else None, "val_std": _mean_std(val)[1] if val else None,
-               "seconds_mean": statistics.fmean(s["seconds"] for s in summaries)}
+               "seconds_mean": statistics.fmean(s["seconds"] for s in summaries),
+               "tests": test}  # per seed, in the order of ``seeds``
         rows.append(row)
-    write_results(out, rows, selection, seeds)
+    paired = paired_differences({r["method"]: r["tests"] for r in rows})
+    write_results(out, rows, selection, seeds, paired, settings_tag(replace(base, method="delta")))
+    return rows
+
+
+# The baselines every method is measured against (when they are in the comparison); a +rifleK spec is
+# also measured against its method without RIFLE.
+BASELINES = ("l2", "l2-sp", "l2-fe")
+
+
+def paired_differences(tests: dict[str, list[float]]) -> list[dict[str, Any]]:
+    r"""Test top-1 of each spec minus that of each baseline, paired by seed (same images).
+
+    For the n per-seed differences :math:`d_i`: their mean, sample std and the 95 % confidence
+    interval of the mean, :math:`\bar d \pm t_{0.975,\,n-1}\, s_d / \sqrt{n}` (Student's t).
+    """
+    from scipy.stats import t as student
+
+    rows = []
+    for spec, values in tests.items():
+        method, rifle = parse_spec(spec)
+        references = [b for b in BASELINES if b in tests and b != spec]
+        if rifle and method in tests:
+            references.append(method)
+        for reference in references:
+            diffs = [a - b for a, b in zip(values, tests[reference])]
+            n = len(diffs)
+            mean, std = _mean_std(diffs)
+            half = student.ppf(0.975, n - 1) * std / math.sqrt(n) if n > 1 else math.nan
+            rows.append({"method": spec, "minus": reference, "runs": n, "diff_mean": mean, "diff_std": std,
+                         "ci_low": mean - half, "ci_high": mean + half})
     return rows
 
 
@@ -115,13 +156,41 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_results(out: str, rows: Sequence[dict[str, Any]], selection: dict[str, Any], seeds: Sequence[int]) -> None:
+def paired_table(rows: Sequence[dict[str, Any]]) -> str:
+    lines = ["| method | minus | runs | mean difference (points) | std | 95 % interval |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['minus']} | {r['runs']} | {r['diff_mean']:+.2f} | {r['diff_std']:.2f} | "
+                     f"[{r['ci_low']:+.2f}, {r['ci_high']:+.2f}] |")
+    return "\n".join(lines)
+
+
+def write_results(out: str, rows: Sequence[dict[str, Any]], selection: dict[str, Any], seeds: Sequence[int],
+                  paired: Sequence[dict[str, Any]] = (), tag: str = "") -> None:
+    """``results.md`` / ``.csv``, ``paired.csv``, ``alpha_selection.json`` in ``out``; with DELTA's term
+    set otherwise than the defaults (``tag``), the names end in ``-<tag>`` so both settings can share
+    one folder and its baseline runs."""
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(markdown_table(rows) + f"\n\nmean ± std over seeds {', '.join(map(str, seeds))}\n")
-    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    with open(os.path.join(out, "alpha_selection.json"), "w") as f:
-        json.dump({"rule": "highest val top-1 of the first seed", "val_top1": selection}, f, indent=2)
+    suffix = f"-{tag}" if tag else ""
+
+    def write(name: str, write_to: Callable[[Any], None], newline: str | None = None) -> None:
+        path = os.path.join(out, name.replace(".", f"{suffix}.", 1))
+        with open(f"{path}.tmp", "w", newline=newline) as f:
+            write_to(f)
+        os.replace(f"{path}.tmp", path)
+
+    text = markdown_table(rows) + f"\n\nmean ± std over seeds {', '.join(map(str, seeds))}\n"
+    if paired:
+        text += ("\nPaired by seed (same training, validation and test images), test top-1 of the method minus "
+                 "the other:\n\n" + paired_table(paired) + "\n")
+    write("results.md", lambda f: f.write(text))
+    write("results.csv", lambda f: _write_csv(f, rows), newline="")
+    if paired:
+        write("paired.csv", lambda f: _write_csv(f, paired), newline="")
+    write("alpha_selection.json",
+          lambda f: json.dump({"rule": "highest val top-1 of the first seed", "val_top1": selection}, f, indent=2))
+
+
+def _write_csv(f: Any, rows: Sequence[dict[str, Any]]) -> None:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)

@@ -6,6 +6,7 @@ functions never see this object: :mod:`deltatl.run` converts it into explicit ar
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass, fields
@@ -13,8 +14,10 @@ from typing import Any
 
 import yaml
 
+from .engine.objective import METHODS, SOURCE_BN_MODES, get_method
 from .errors import DeltatlError
 from .models import EMBEDDED_MODEL
+from .regularizers import DELTA_REDUCTIONS
 
 
 @dataclass
@@ -47,12 +50,17 @@ class TrainConfig:
     # Inception-V3's auxiliary classifier: 0 removes it (default); W > 0 keeps it with a new head for
     # the target classes and adds W * its cross-entropy to the training loss (torchvision's recipe: 0.4)
     aux_weight: float = 0.0
-    # method (alpha and beta: the official 0.01 / 0.01)
+    # method; alpha None: the default of the method and --delta-reduction (see default_alpha); beta official
     method: str = "l2"
-    alpha: float = 0.01
+    alpha: float | None = None
     beta: float = 0.01
     delta_layers: list[str] | None = None  # None: the architecture's preset
-    delta_reduction: str = "sum"  # official: summed over the batch; "mean" divides by the batch size
+    # DELTA's term: "relative" (default: each layer's term over the source's squared activation) or the
+    # official "sum" over the batch ("mean" divides that by the batch size); see deltatl.regularizers
+    delta_reduction: str = "relative"
+    # the source's BatchNorm: "batch" statistics (default; the term is 0 at step 0) or its "running"
+    # ImageNet statistics (official); see deltatl.engine.objective.Objective
+    delta_source_bn: str = "batch"
     # supervised channel attention (method delta); defaults = the official procedure
     attention_file: str | None = None  # raw scores to use instead of computing them
     attention_method: str = "exact"  # or "first_order" (activation x gradient approximation)
@@ -109,8 +117,22 @@ class TrainConfig:
                 raise DeltatlError(f"--{name} must be at least 1")
         if self.rifle < 0:
             raise DeltatlError("--rifle must be >= 0")
-        if self.delta_reduction not in ("sum", "mean"):
-            raise DeltatlError("--delta-reduction must be sum or mean")
+        if self.delta_reduction not in DELTA_REDUCTIONS:
+            raise DeltatlError(f"--delta-reduction must be one of {', '.join(DELTA_REDUCTIONS)}")
+        if self.delta_source_bn not in SOURCE_BN_MODES:
+            raise DeltatlError(f"--delta-source-bn must be one of {', '.join(SOURCE_BN_MODES)}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise DeltatlError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
+        for name in ("alpha", "beta", "weight_decay"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise DeltatlError(f"--{name.replace('_', '-')} must be a finite number >= 0")
+        if not 0 <= self.momentum < 1:
+            raise DeltatlError("--momentum must be in [0, 1)")
+        if self.attention_temperature <= 0:
+            raise DeltatlError("--attention-temperature must be positive")
         if self.amp not in ("none", "bf16", "fp16"):
             raise DeltatlError("--amp must be none, bf16 or fp16")
         if self.attention_method not in ("exact", "first_order", "naive"):
@@ -140,10 +162,46 @@ class TrainConfig:
                 self.cv_folds is not None and not 0 <= self.cv_fold < self.cv_folds):  # type: ignore[operator]
             raise DeltatlError("cv_folds and cv_fold go together, with 0 <= cv_fold < cv_folds")
 
+    def resolved_alpha(self) -> float | None:
+        """``--alpha``, or the default of the method and reduction; None for methods without alpha."""
+        method = get_method(self.method)
+        if not (method.starting_point or method.feature_maps):
+            return None
+        if self.alpha is not None:
+            return self.alpha
+        return default_alpha(self.method, self.delta_reduction)[0]
+
     def result_fields(self) -> dict[str, Any]:
-        """The fields that define what a run computes (compared when a run directory is reused)."""
+        """The fields that define what a run computes (compared when a run directory is reused): the
+        execution settings and those the method does not use are left out, alpha is resolved."""
         skip = {"device", "workers", "out", "attention_cache", "channels_last", "compile"}
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        method = METHODS.get(self.method)
+        if method is not None:
+            if not (method.starting_point or method.feature_maps):
+                skip |= {"alpha", "beta"}
+            if not method.feature_maps:
+                skip |= {f.name for f in fields(self) if f.name.startswith("delta_")}
+            if not method.attention:
+                skip |= {f.name for f in fields(self) if f.name.startswith("attention_")}
+        values = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        if "alpha" in values and method is not None:
+            values["alpha"] = self.resolved_alpha()
+        return values
+
+
+# alpha when --alpha is not given. The official terms keep the authors' 0.01 (ResNet-101, 224 px, batch
+# 64). DELTA's "relative" term has its own scale; its default was chosen by 5-fold cross-validation on
+# the embedded default (README, "DELTA's defaults").
+OFFICIAL_ALPHA = 0.01
+RELATIVE_ALPHA = 0.1
+
+
+def default_alpha(method: str, reduction: str) -> tuple[float, str]:
+    """The default alpha of ``method`` with DELTA's ``reduction``, and where it comes from."""
+    if get_method(method).feature_maps and reduction == "relative":
+        return RELATIVE_ALPHA, ("deltatl's default for --delta-reduction relative, chosen by 5-fold "
+                                "cross-validation on the embedded default (README)")
+    return OFFICIAL_ALPHA, "the authors' default (tuned for ResNet-101, 224 px, batch 64)"
 
 
 _TYPES = {f.name: str(f.type) for f in fields(TrainConfig)}
@@ -209,6 +267,22 @@ def _coerce(key: str, value: Any) -> Any:
         if all(isinstance(v, str) for v in items):
             return [v.strip() for v in items if v.strip()]
     raise DeltatlError(f"setting {key.replace('_', '-')} must be {' or '.join(kinds)}, got {value!r}")
+
+
+def parse_grid_values(flag: str, items: Sequence[str]) -> tuple[float, ...]:
+    """``["1e-4", "0.001,0.01"]`` -> ``(1e-4, 0.001, 0.01)``; a bad, negative or repeated value is an error."""
+    values: list[float] = []
+    for text in (t for item in items for t in item.split(",") if t.strip()):
+        try:
+            value = float(text)
+        except ValueError:
+            raise DeltatlError(f"{flag}: '{text}' is not a number") from None
+        if not math.isfinite(value) or value < 0:
+            raise DeltatlError(f"{flag}: {text} must be a finite number >= 0")
+        if value in values:
+            raise DeltatlError(f"{flag}: {text} is given twice")
+        values.append(value)
+    return tuple(values)
 
 
 def make_config(file_values: dict[str, Any], cli_values: dict[str, Any]) -> TrainConfig:

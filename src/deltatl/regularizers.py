@@ -10,9 +10,9 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["L2SP", "delta_distance", "l2_penalty", "l2sp_penalty"]
+__all__ = ["L2SP", "delta_distance", "l2_penalty", "l2sp_penalty", "source_energy"]
 
-_REDUCTIONS = ("sum", "mean")
+DELTA_REDUCTIONS = ("sum", "mean", "relative")
 
 
 def _sum(terms: Iterable[Tensor]) -> Tensor:
@@ -45,8 +45,16 @@ def _squared_error_per_channel(name: str, target: Tensor, source: Tensor) -> Ten
     return squared.mean(dim=(-2, -1)) if squared.dim() == 4 else squared
 
 
+def source_energy(features: Tensor) -> Tensor:
+    r"""``sum_b sum_j mean_hw FM^2`` of a feature map (B, C, H, W) or (B, C): the denominator of
+    DELTA's ``"relative"`` term, a float32 constant (no gradient)."""
+    squared = features.detach().float().square()
+    return squared.mean(dim=(-2, -1)).sum() if squared.dim() == 4 else squared.sum()
+
+
 def delta_distance(target_features: Mapping[str, Tensor], source_features: Mapping[str, Tensor],
-                   channel_weights: Mapping[str, Tensor] | None = None, reduction: str = "sum") -> Tensor:
+                   channel_weights: Mapping[str, Tensor] | None = None, reduction: str = "sum",
+                   energies: Mapping[str, Tensor] | None = None) -> Tensor:
     r"""DELTA feature-map distance between the target and the frozen source network (official form).
 
     .. math::
@@ -65,10 +73,27 @@ def delta_distance(target_features: Mapping[str, Tensor], source_features: Mappi
     at the official batch size of 64; ``"mean"`` divides by B, making alpha independent of the batch
     size (alpha_mean = 64 * alpha_sum reproduces the official scale at batch 64).
 
+    ``reduction="relative"`` divides each layer's summed term by the source's summed squared
+    activation on the same batch (a constant):
+
+    .. math::
+
+        \Omega^{rel} = \sum_l \frac{1}{2}\,
+            \frac{\sum_b \sum_j C_l\, w_{l,j}\, \operatorname{mean}_{h,w}(FM^t_l - FM^s_l)^2}
+                 {\sum_b \sum_j \operatorname{mean}_{h,w} (FM^s_l)^2}
+
+    so each layer contributes half its relative squared error (with uniform weights exactly
+    :math:`\frac{1}{2}\|FM^t_l - FM^s_l\|^2 / \|FM^s_l\|^2`). The term then does not depend on the
+    batch size, the number of channels, the spatial size or the scale of a layer's activations, so one
+    alpha means the same on every architecture, image size and batch (the official ``"sum"`` scale
+    moved by a factor of about 10^4 between deltatl's models and inputs).
+
     Distributed data parallel with P processes of local batch b: each process sums over its own b
     samples, and DDP *averages* the gradients, so the effective gradient is 1/P of that of the sum over
     the global batch B = P * b. The engine multiplies this term by P (with ``"sum"``) to keep the
-    single-process meaning of a batch of B. With ``"mean"`` no scaling is needed.
+    single-process meaning of a batch of B. With ``"mean"`` no scaling is needed. With ``"relative"``
+    the engine passes ``energies`` summed over the processes and scales by P as for ``"sum"``, so the
+    step equals the single-process step on the global batch.
 
     Args:
         target_features: layer name -> target feature map (B, C, H, W) or (B, C), any float dtype.
@@ -76,7 +101,9 @@ def delta_distance(target_features: Mapping[str, Tensor], source_features: Mappi
             constants (detached).
         channel_weights: layer name -> non-negative weights of shape (C,) summing to 1 (DELTA's
             channel attention, see :func:`deltatl.attention.normalize_scores`), or None for uniform.
-        reduction: ``"sum"`` or ``"mean"`` over the batch.
+        reduction: ``"sum"`` or ``"mean"`` over the batch, or ``"relative"`` (see above).
+        energies: ``"relative"`` only: layer name -> the denominator (default
+            :func:`source_energy` of the source features; under DDP its sum over the processes).
 
     Returns:
         A float32 scalar.
@@ -85,8 +112,8 @@ def delta_distance(target_features: Mapping[str, Tensor], source_features: Mappi
         ValueError: the layer names of the three mappings differ (the message names the missing and
             extra layers), shapes do not match, or ``reduction`` is unknown.
     """
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if reduction not in DELTA_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {DELTA_REDUCTIONS}, got {reduction!r}")
     if not target_features:
         raise ValueError("no target feature maps given")
     _check_same_keys("source feature layers", source_features, target_features)
@@ -94,7 +121,8 @@ def delta_distance(target_features: Mapping[str, Tensor], source_features: Mappi
         _check_same_keys("channel weight layers", channel_weights, target_features)
     layer_terms = []
     for name, target in target_features.items():
-        per_channel = _squared_error_per_channel(name, target, source_features[name])
+        source = source_features[name]
+        per_channel = _squared_error_per_channel(name, target, source)
         num_channels = per_channel.shape[1]
         if channel_weights is None:
             per_sample = per_channel.sum(dim=1)  # C * (1/C) = 1 for every channel
@@ -108,6 +136,9 @@ def delta_distance(target_features: Mapping[str, Tensor], source_features: Mappi
         layer_term = 0.5 * per_sample.sum()
         if reduction == "mean":
             layer_term = layer_term / per_channel.shape[0]
+        elif reduction == "relative":
+            energy = source_energy(source) if energies is None else energies[name].detach().float()
+            layer_term = layer_term / energy.clamp_min(torch.finfo(torch.float32).tiny)
         layer_terms.append(layer_term)
     return _sum(layer_terms)
 

@@ -6,23 +6,26 @@ objective and :func:`~deltatl.engine.fit.fit`. The CLI, ``deltatl demo`` and the
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import sys
+import warnings
 from typing import Any
 
 import torch
 
-from .config import TrainConfig, dump_yaml, read_run_config
+from .config import TrainConfig, default_alpha, dump_yaml, read_run_config
 from .data import DATASETS, DataSplits, TransformedImages, load_splits
 from .data.folds import fold_splits
 from .data.transforms import evaluation_transform, train_transform
 from .distributed import SINGLE, DistEnv, init_from_env
 from .engine.fit import CHECKPOINT, SUMMARY, epoch_steps, fit
-from .attention import normalize_scores, read_scores, write_scores
+from .attention import FORMAT as ATTENTION_FORMAT, normalize_scores, read_scores, write_scores
 from .engine.channel_attention import (cache_key, cached_channel_attention, estimate_channel_attention,
                                        layer_channels)
 from .engine.objective import Objective, get_method
-from .engine.rifle import Rifle, rifle_steps
+from .engine.rifle import Rifle, RifleWarning, rifle_steps, rifle_warnings
 from .engine.schedule import CYCLIC
 from .engine.tricks import DisturbLabel, check_stochastic_depth, install_head_regularization, suspended
 from .errors import DeltatlError
@@ -120,9 +123,8 @@ def _prepare_run_dir(run_dir: str, config: TrainConfig, resume: bool) -> dict[st
     if os.path.isfile(config_path):
         previous = read_run_config(config_path)
         current = config.result_fields()
-        defaults = TrainConfig().result_fields()  # a setting added after the run was written: its default
-        changed = sorted(k for k in set(previous) | set(current)
-                         if previous.get(k, defaults.get(k)) != current.get(k, defaults.get(k)))
+        defaults = dataclasses.asdict(TrainConfig())  # a setting added after the run was written: its default
+        changed = sorted(k for k in current if previous.get(k, defaults.get(k)) != current[k])
         started = any(os.path.isfile(os.path.join(run_dir, f)) for f in (CHECKPOINT, SUMMARY))
         if changed and started:
             raise DeltatlError(f"{run_dir} holds a different run (differs in: {', '.join(changed)}); "
@@ -164,12 +166,16 @@ def train_run(config: TrainConfig, *, resume: bool = False, progress: bool = Tru
 
     spe = epoch_steps(len(splits.train), config.batch_size * dist.world_size)  # --batch-size is per process
     total_steps = config.iters or (config.epochs or TrainConfig.DEFAULT_EPOCHS) * spe
+    decay = decay_fraction(config, total_steps)
     rifle = None
     if config.rifle:  # checked before anything is written, so a refused count leaves --out free
         rifle = Rifle(head_module(model), rifle_steps(total_steps, config.rifle, None if config.iters else spe),
                       seed=config.seed, init=config.head_init, reset_momentum=config.rifle_reset_momentum,
                       cyclic_lr=config.rifle_cyclic_lr)
-    decay = decay_fraction(config, total_steps)
+        decay_step = max(1, round(decay * total_steps)) if config.schedule == "step" else None
+        for note in rifle_warnings(rifle.steps, total_steps, decay_step):
+            if dist.is_primary:
+                warnings.warn(note, RifleWarning, stacklevel=2)
     if config.schedule in CYCLIC and config.lr_cycles > total_steps:
         raise DeltatlError(f"--lr-cycles {config.lr_cycles} is more than the {total_steps} training steps")
     disturb = DisturbLabel(config.disturb_label, len(splits.classes), config.seed) if config.disturb_label else None
@@ -185,7 +191,8 @@ def train_run(config: TrainConfig, *, resume: bool = False, progress: bool = Tru
     test_set = TransformedImages(splits.test, evaluation)
     objective = build_objective(config, model, train_set, run_dir, device, progress, dist)
     run_info = {"method": config.method, "model": config.model, "data": config.data, "rifle": config.rifle,
-                "alpha": config.alpha if method.starting_point or method.feature_maps else None,
+                "alpha": config.resolved_alpha(),
+                "alpha_from": alpha_origin(config),
                 "classes": splits.classes, "config": config.result_fields()}
     return fit(objective, train_set, val_set, test_set, run_dir=run_dir,
                total_steps=total_steps, batch_size=config.batch_size, lr=config.lr,
@@ -203,6 +210,7 @@ def attention_run(config: TrainConfig, output: str, *, progress: bool = True) ->
 
     Uses and fills the same cache as ``train --method delta``; the L2-FE step works in ``config.out``.
     """
+    check_replaceable_scores(output)  # before hours of work, not after
     device = resolve_device(config.device)
     splits = open_splits(config, progress)
     model = seeded_model(config, len(splits.classes))
@@ -216,6 +224,21 @@ def attention_run(config: TrainConfig, output: str, *, progress: bool = True) ->
     write_scores(output, raw, {"model": config.model, "data": config.data, "layers": layers,
                                "method": config.attention_method})
     return raw
+
+
+def check_replaceable_scores(path: str) -> None:
+    """``--output`` may replace only a deltatl attention file (an earlier ``deltatl attention``'s)."""
+    if os.path.isdir(path):
+        raise DeltatlError(f"--output {path} is a folder; give a file name")
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path) as f:
+            ours = json.load(f).get("format") == ATTENTION_FORMAT
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise DeltatlError(f"--output {path} exists and is not a deltatl attention file; choose another name")
 
 
 def delta_layers(config: TrainConfig, model: torch.nn.Module) -> list[str]:
@@ -249,7 +272,8 @@ def channel_attention_scores_for(config: TrainConfig, model: torch.nn.Module, la
               "layers": layers, "image_size": config.image_size, "resize": config.resize, "seed": config.seed,
               "epochs": config.attention_epochs, "lr": config.attention_lr, "batches": config.attention_batches,
               "batch_size": config.attention_batch_size, "bn_train": config.attention_bn_train,
-              "method": config.attention_method, "version": 1}
+              "method": config.attention_method,
+              "version": 2}  # 2: the L2-FE fit's ExponentialLR (1: a step schedule; those scores are not reused)
     # Settings added later enter the key only when set, so that existing cache entries stay valid.
     fields.update({k: v for k, v in (("keep_aspect", config.keep_aspect), ("aux_head", config.aux_weight > 0)) if v})
 
@@ -269,6 +293,13 @@ def channel_attention_scores_for(config: TrainConfig, model: torch.nn.Module, la
                                         channels, compute, fields)
 
 
+def alpha_origin(config: TrainConfig) -> str | None:
+    """Where the run's alpha comes from (printed, and kept in the summary)."""
+    if config.resolved_alpha() is None:
+        return None
+    return "--alpha" if config.alpha is not None else default_alpha(config.method, config.delta_reduction)[1]
+
+
 def build_objective(config: TrainConfig, model: torch.nn.Module, train_set: TransformedImages, run_dir: str,
                     device: torch.device, progress: bool, dist: DistEnv = SINGLE) -> Objective:
     """The method's objective; for ``delta`` this computes (or reuses) the channel attention first.
@@ -285,7 +316,11 @@ def build_objective(config: TrainConfig, model: torch.nn.Module, train_set: Tran
         if dist.is_primary:
             write_scores(os.path.join(run_dir, "attention.json"), raw, {"layers": layers})
         weights = normalize_scores(raw, config.attention_temperature)
-    return Objective(model, config.method, alpha=config.alpha, beta=config.beta, layers=layers,
-                     channel_weights=weights, reduction=config.delta_reduction,
-                     distance_scale=dist.world_size if config.delta_reduction == "sum" else 1.0,
+    alpha = config.resolved_alpha()
+    if alpha is not None and progress:
+        print(f"alpha {alpha:g}: {alpha_origin(config)}", file=sys.stderr)
+    return Objective(model, config.method, alpha=0.0 if alpha is None else alpha, beta=config.beta, layers=layers,
+                     channel_weights=weights, reduction=config.delta_reduction, source_bn=config.delta_source_bn,
+                     distance_scale=1.0 if config.delta_reduction == "mean" else dist.world_size,
+                     energy_sum=dist.all_reduce_sum_ if dist.enabled else None,
                      aux_weight=config.aux_weight)

@@ -38,7 +38,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import math
 import os
 import random
 import re
@@ -56,7 +55,7 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
-from .config import TrainConfig
+from .config import TrainConfig, parse_grid_values
 from .data.folds import stratified_folds, write_folds
 from .data.images import ImageCollection
 from .engine.objective import get_method
@@ -94,22 +93,6 @@ class Grid:
 
     def as_dict(self) -> dict[str, list[float]]:
         return {n: list(getattr(self, n)) for n in self.names()}
-
-
-def parse_grid_values(flag: str, items: Sequence[str]) -> tuple[float, ...]:
-    """``["1e-4", "0.001,0.01"]`` -> ``(1e-4, 0.001, 0.01)``; a bad, negative or repeated value is an error."""
-    values: list[float] = []
-    for text in (t for item in items for t in item.split(",") if t.strip()):
-        try:
-            value = float(text)
-        except ValueError:
-            raise DeltatlError(f"{flag}: '{text}' is not a number") from None
-        if not math.isfinite(value) or value < 0:
-            raise DeltatlError(f"{flag}: {text} must be a finite number >= 0")
-        if value in values:
-            raise DeltatlError(f"{flag}: {text} is given twice")
-        values.append(value)
-    return tuple(values)
 
 
 def point_label(point: dict[str, float]) -> str:

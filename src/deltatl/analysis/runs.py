@@ -20,7 +20,7 @@ from PIL import Image
 from torch import nn
 from torchvision import transforms as T
 
-from ..config import TrainConfig, make_config, read_run_config
+from ..config import OFFICIAL_ALPHA, TrainConfig, make_config, read_run_config
 from ..data.transforms import eval_transform, resize_transform
 from ..engine.fit import CHECKPOINT, METRICS, SUMMARY
 from ..engine.objective import get_method
@@ -77,8 +77,11 @@ class Run:
             method = get_method(self.method)
         except DeltatlError:
             return None
-        uses = method.starting_point or method.feature_maps
-        return float(self.config.get("alpha", TrainConfig.alpha)) if uses else None
+        if not (method.starting_point or method.feature_maps):
+            return None
+        # config.yaml holds the resolved alpha (runs written before alpha had per-method defaults: 0.01)
+        alpha = self.config.get("alpha")
+        return OFFICIAL_ALPHA if alpha is None else float(alpha)
 
     @property
     def finished(self) -> bool:

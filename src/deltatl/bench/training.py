@@ -76,11 +76,11 @@ class ModelSetup:
         self.weights = normalize_scores({n: torch.randn(c, generator=g) for n, c in channels.items()})
 
     def trainer(self, method: str) -> Trainer:
-        d, spec = TrainConfig(), get_method(method)
-        objective = Objective(copy.deepcopy(self.base), method, alpha=d.alpha, beta=d.beta,
+        d, spec = TrainConfig(method=method), get_method(method)
+        objective = Objective(copy.deepcopy(self.base), method, alpha=d.resolved_alpha() or 0.0, beta=d.beta,
                               layers=self.layers if spec.feature_maps else None,
                               channel_weights=self.weights if spec.attention else None,
-                              reduction=d.delta_reduction)
+                              reduction=d.delta_reduction, source_bn=d.delta_source_bn)
         objective.to(self.device)
         if self.channels_last:
             objective.to(memory_format=torch.channels_last)

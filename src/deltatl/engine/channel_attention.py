@@ -1,8 +1,10 @@
 """DELTA's supervised channel attention for a run: the official procedure, resumable and cached.
 
 1. Train an L2-FE model (the pretrained backbone frozen, a new head) on the training split
-   (official: 10 epochs, SGD lr 0.01, momentum 0.9, weight decay 1e-4, lr / 10 after 6 epochs; the
-   official code left BatchNorm in train mode, so its statistics adapted: ``bn_train=True``).
+   (official ``channel_eval.py``: 10 epochs, SGD lr 0.01, momentum 0.9, weight decay 1e-4, and
+   ``ExponentialLR`` stepped once per epoch with gamma = 0.1^(1/6), i.e. lr / 10 every 6 epochs:
+   0.01, 0.00681, 0.00464, ...; the official code left BatchNorm in train mode, so its statistics
+   adapted: ``bn_train=True``).
 2. Score every channel of the tapped layers on the first K training batches with train augmentation
    (official: 4 batches of 32) with :func:`deltatl.attention.channel_attention_scores`.
 
@@ -27,6 +29,7 @@ from ..data import ImageCollection, TransformedImages
 from .fit import EpochSampler, epoch_steps, fit
 from .objective import Objective
 
+OFFICIAL_EPOCHS_PER_TENTH = 6  # channel_eval.py: ExponentialLR(gamma=0.1 ** (1 / 6)), stepped per epoch
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "deltatl", "attention")
 
 
@@ -52,8 +55,10 @@ def estimate_channel_attention(model: nn.Module, layers: Sequence[str], train: T
     fe_model = copy.deepcopy(model)
     objective = Objective(fe_model, "l2-fe", freeze_bn=not bn_train)
     steps = epochs * epoch_steps(len(train), batch_size)
+    # schedule "exp" multiplies the lr once per epoch so that it reaches / 10 after decay_fraction *
+    # epochs epochs: the official ExponentialLR's / 10 every 6 epochs, whatever the number of epochs.
     fit(objective, train, None, None, run_dir=work_dir, total_steps=steps, batch_size=batch_size, lr=lr,
-        weight_decay=1e-4, schedule="step", decay_fraction=0.6, device=device, seed=seed,
+        weight_decay=1e-4, schedule="exp", decay_fraction=OFFICIAL_EPOCHS_PER_TENTH / epochs, device=device, seed=seed,
         num_workers=num_workers, resume=True, progress=progress, run_info={"method": "l2-fe (attention)"})
     # The first K batches of a fixed epoch of the training order, with train augmentation.
     sampler = EpochSampler(len(train), seed, epoch=0)

@@ -189,9 +189,14 @@ def train_step(objective: Objective, optimizer: torch.optim.Optimizer, scaler: t
     return out
 
 
+def _strict(value: Any) -> Any:
+    """JSON has no NaN or infinity: such a number is written as null."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 def _append_metrics(path: str, row: dict[str, Any]) -> None:
     with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+        f.write(json.dumps({k: _strict(v) for k, v in row.items()}, allow_nan=False) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
@@ -280,6 +285,7 @@ def fit(objective: Objective, train_set: TransformedImages, val_set: Dataset | N
                                 cycles=lr_cycles, min_factor=lr_min_factor)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     step, elapsed = 0, 0.0
+    gap: Tensor | None = None  # DELTA: the part of its term due to BatchNorm statistics, on an epoch's first batch
     sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64, device=device))
     if dist.broadcast_object(resume and os.path.isfile(ckpt_path)):
         state = ckpt.load(ckpt_path)
@@ -291,7 +297,7 @@ def fit(objective: Objective, train_set: TransformedImages, val_set: Dataset | N
         optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        step, elapsed = state["step"], state["seconds"]
+        step, elapsed, gap = state["step"], state["seconds"], state.get("bn_gap")
         for k, v in state["epoch_sums"].items():
             sums[k] = v.to(device)
         ckpt.set_rng_state(state.get("rng_per_rank", [state["rng"]])[dist.rank])
@@ -303,6 +309,8 @@ def fit(objective: Objective, train_set: TransformedImages, val_set: Dataset | N
     bare = objective.model
     if sync_bn and dist.enabled:
         convert_sync_batchnorm(bare)
+        if getattr(objective, "source", None) is not None:  # DELTA's source with batch statistics: global too
+            convert_sync_batchnorm(objective.source)
     # Only the target network is compiled and wrapped; hooks, L2-SP and RIFLE hold its inner modules
     # and parameters, which neither wrapper replaces.
     net = torch.compile(bare) if compile_model else bare
@@ -325,6 +333,7 @@ def fit(objective: Objective, train_set: TransformedImages, val_set: Dataset | N
                  "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                  "step": step, "seconds": elapsed + time.perf_counter() - started,
                  "epoch_sums": {k: v.cpu() for k, v in sums.items()}, "rng": rng[0],
+                 "bn_gap": None if gap is None else gap.cpu(),
                  "world_size": world, "run_info": run_info or {}, "done": done}
         if dist.enabled:
             state["rng_per_rank"] = rng
@@ -365,6 +374,8 @@ def fit(objective: Objective, train_set: TransformedImages, val_set: Dataset | N
                     labels = labels.to(device, non_blocking=True)
                     if disturb is not None:
                         labels = disturb(labels, step, dist.rank, world)
+                    if step % steps_per_epoch == 0:
+                        gap = objective.statistics_gap(images)
                     train_step(objective, optimizer, scaler, images, labels, sums)
                     step += 1
                     bar.update(1)
@@ -390,9 +401,17 @@ def fit(objective: Objective, train_set: TransformedImages, val_set: Dataset | N
                 epoch = math.ceil(step / steps_per_epoch)
                 row: dict[str, Any] = {"epoch": epoch, "step": step, "lr": optimizer.param_groups[0]["lr"]}
                 reduce_sums()
+                if not torch.isfinite(sums["loss"]):  # one check per epoch: NaN and inf persist in the sum
+                    kept = (f"{ckpt_path} keeps epoch {epoch - 1}" if epoch > 1 and os.path.isfile(ckpt_path)
+                            else "no checkpoint was written")
+                    raise DeltatlError(f"training diverged: the loss became {sums['loss'].item()} in epoch {epoch} "
+                                       f"(by step {step}); {kept}. Lower --lr (or --alpha)")
                 count = sums.pop("count")
                 row.update({f"train/{k}": (v / count).item() for k, v in sums.items()})
                 sums.clear()
+                if gap is not None:  # rank 0's batch (a diagnostic, not averaged over processes)
+                    row["delta/bn_gap"] = gap.item()
+                    gap = None
                 # Cheap (one norm per epoch) and what RIFLE's re-initialisations visibly reset.
                 row["head/norm"] = head_module(bare).weight.detach().norm().item()
                 if epoch % eval_every == 0 or step >= total_steps:
@@ -422,6 +441,6 @@ def fit(objective: Objective, train_set: TransformedImages, val_set: Dataset | N
     if primary:
         tmp = os.path.join(run_dir, f"{SUMMARY}.tmp")
         with open(tmp, "w") as f:
-            json.dump(summary, f, indent=2)
+            json.dump({k: _strict(v) for k, v in summary.items()}, f, indent=2, allow_nan=False)
         os.replace(tmp, os.path.join(run_dir, SUMMARY))
     return summary

@@ -10,6 +10,10 @@ method          loss                                                            
 ``delta``       CE + alpha * Omega_att (channel attention) + beta * 0.5||head||^2  0
 ==============  ===============================================================  ============
 
+Omega is :func:`deltatl.regularizers.delta_distance` with the objective's ``reduction`` (official
+``"sum"``; ``"relative"`` divides each layer by the source's squared activation) and the source network's
+BatchNorm on its running statistics (official) or the batch's (``source_bn="batch"``).
+
 The objective owns the target network and, for the methods that need them, the frozen source
 network with its feature hooks and the regularizer state; the training loop only calls it. Every term
 is returned separately (already multiplied by its weight) so it can be logged.
@@ -18,7 +22,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +31,7 @@ from torch import Tensor, nn
 from ..errors import DeltatlError
 from ..features import FeatureHooks
 from ..models import split_parameters
-from ..regularizers import L2SP, delta_distance, l2_penalty
+from ..regularizers import L2SP, delta_distance, l2_penalty, source_energy
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,9 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
+SOURCE_BN_MODES = ("running", "batch")
+
+
 class _SourceDone(Exception):
     """Raised by the source's last hook: nothing after the last tapped layer needs computing."""
 
@@ -81,11 +88,21 @@ class Objective(nn.Module):
         beta: weight of the head's L2 term (L2-SP and DELTA methods).
         layers: tapped module names (DELTA methods).
         channel_weights: layer -> attention weights summing to 1 (``delta``); constants.
-        reduction: DELTA's batch reduction, ``"sum"`` (official) or ``"mean"``.
+        reduction: DELTA's batch reduction, ``"sum"`` (official), ``"mean"`` or ``"relative"`` (see
+            :func:`deltatl.regularizers.delta_distance`).
+        source_bn: how the frozen source network's BatchNorm normalises (DELTA methods).
+            ``"running"`` (official): with its ImageNet running statistics, while the target (train
+            mode) uses the batch's, so the term is non-zero at step 0 and part of it measures only the
+            difference between the two sets of statistics (on Fashion-MNIST at 96 px, batch 32, that
+            part is ~10^4 times the cross-entropy at alpha 1). ``"batch"``: with the current batch's
+            statistics, as the target's, running statistics untouched; the term is then exactly 0 at
+            step 0 and measures only what training changed. :meth:`statistics_gap` measures the part.
         freeze_bn: keep BatchNorm statistics of a frozen backbone fixed (default for ``l2-fe``). The
             official attention step trained its L2-FE model in train mode (statistics adapting).
-        distance_scale: multiplies the DELTA term; the world size under DDP with ``reduction="sum"``,
-            so that a global batch means the same on one process or many.
+        distance_scale: multiplies the DELTA term; the world size under DDP with ``reduction="sum"``
+            or ``"relative"``, so that a global batch means the same on one process or many.
+        energy_sum: ``"relative"`` under DDP: sums a tensor over the processes in place (the
+            denominators then are those of the global batch); None in a single process.
         aux_weight: weight of the auxiliary classifier's cross-entropy when the model returns
             ``(logits, aux_logits)`` in training mode (Inception-V3 with its aux head kept, see
             :mod:`deltatl.models`); logged as ``aux/ce``, already weighted. 0 ignores the aux output.
@@ -97,9 +114,14 @@ class Objective(nn.Module):
 
     def __init__(self, model: nn.Module, method: str, *, alpha: float = 0.01, beta: float = 0.01,
                  layers: Sequence[str] | None = None, channel_weights: Mapping[str, Tensor] | None = None,
-                 reduction: str = "sum", freeze_bn: bool = True, distance_scale: float = 1.0,
-                 aux_weight: float = 0.0):
+                 reduction: str = "sum", source_bn: str = "running", freeze_bn: bool = True,
+                 distance_scale: float = 1.0, aux_weight: float = 0.0,
+                 energy_sum: Callable[[Tensor], Tensor] | None = None):
         super().__init__()
+        self.energy_sum = energy_sum
+        if source_bn not in SOURCE_BN_MODES:
+            raise DeltatlError(f"source BatchNorm mode must be one of {', '.join(SOURCE_BN_MODES)}, got {source_bn!r}")
+        self.source_bn = source_bn
         self.model = model
         self.aux_weight = aux_weight
         self.method = get_method(method)
@@ -122,6 +144,11 @@ class Objective(nn.Module):
             # statistics), no gradients, never wrapped by DDP. Copied before the target's hooks exist,
             # which a deep copy would otherwise carry over.
             self.source = copy.deepcopy(model).eval().requires_grad_(False)
+            for module in self._source_batchnorms():
+                # Without tracking, a BatchNorm in train mode normalises with the batch's statistics and
+                # leaves its running statistics as they are; in eval mode it still uses them.
+                module.track_running_stats = False
+            self._set_source_statistics(self.source_bn)
             try:
                 self.target_hooks = FeatureHooks(model, self.layers)
             except ValueError as exc:
@@ -145,6 +172,16 @@ class Objective(nn.Module):
         if self._source_calls == len(self.layers):
             raise _SourceDone
 
+    def _source_batchnorms(self) -> list[nn.Module]:
+        return [m for m in self.source.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def _set_source_statistics(self, mode: str) -> None:
+        """The source stays in eval mode (no dropout, no random draws); only its BatchNorm layers
+        switch to batch statistics for ``"batch"``."""
+        self.source.eval()
+        for module in self._source_batchnorms():
+            module.train(mode == "batch")
+
     def channel_weights(self) -> dict[str, Tensor] | None:
         if not self.method.attention:
             return None
@@ -153,7 +190,7 @@ class Objective(nn.Module):
     def train(self, mode: bool = True) -> "Objective":
         super().train(mode)
         if self.method.feature_maps:
-            self.source.eval()
+            self._set_source_statistics(self.source_bn)
         if mode and self.freeze_bn:
             # A frozen feature extractor keeps its BatchNorm statistics frozen as well; dropout stays on.
             for module in self.model.modules():
@@ -189,6 +226,35 @@ class Objective(nn.Module):
                 pass
         return self.source_hooks.pop()
 
+    @torch.no_grad()
+    def statistics_gap(self, images: Tensor) -> Tensor | None:
+        """The weighted DELTA term that BatchNorm statistics alone produce on ``images``.
+
+        The distance between the source's feature maps under the batch's statistics and under its
+        running statistics, with this objective's alpha, channel weights and reduction: the value of
+        the term at step 0 with ``source_bn="running"`` (0 with ``"batch"`` at step 0, where it shows
+        what the official setting would add). None for methods without DELTA's term.
+        """
+        if not self.method.feature_maps:
+            return None
+        try:
+            self._set_source_statistics("batch")
+            batch = self.source_features(images)
+            self._set_source_statistics("running")
+            running = self.source_features(images)
+        finally:
+            self._set_source_statistics(self.source_bn)
+        distance = delta_distance(batch, running, self.channel_weights(), self.reduction, self._energies(running))
+        return self.alpha * self.distance_scale * distance
+
+    def _energies(self, source: Mapping[str, Tensor]) -> dict[str, Tensor] | None:
+        """The relative term's denominators, summed over the processes under DDP (one all-reduce)."""
+        if self.reduction != "relative" or self.energy_sum is None:
+            return None
+        names = list(source)
+        total = self.energy_sum(torch.stack([source_energy(source[n]) for n in names]))
+        return dict(zip(names, total.unbind()))
+
     def forward(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
         # The source runs first, so its forward's temporaries are freed before the target's autograd
         # graph exists: DELTA's peak memory is then l2's plus the source's weights and tapped maps
@@ -207,7 +273,7 @@ class Objective(nn.Module):
             terms["reg/l2sp"] = self.alpha * self.l2sp()
         if self.method.feature_maps:
             target = self.target_hooks.pop()
-            distance = delta_distance(target, source, self.channel_weights(), self.reduction)
+            distance = delta_distance(target, source, self.channel_weights(), self.reduction, self._energies(source))
             terms["reg/delta"] = self.alpha * self.distance_scale * distance
         if self.method.head_penalty and self.beta:
             terms["reg/head"] = self.beta * l2_penalty(self._head_params)

@@ -1,14 +1,21 @@
 """RIFLE (ICML 2020): re-initialise the final linear layer periodically during fine-tuning.
 
-Training is cut into ``K + 1`` equal periods and the head is re-initialised at the end of every period
-but the last (the official code also re-initialised after the last epoch, returning a random head:
-a bug that is not reproduced). Re-initialisation is the head's default initialisation, in place, so
-the optimizer and DDP keep referring to the same Parameter objects, and it draws from a generator
-seeded by ``(seed, event)``, so every process of a distributed run draws the same head.
+Training is cut into ``K + 1`` periods of ``floor(E / (K + 1))`` epochs (the remainder goes to the last
+period) and the head is re-initialised at the end of every period but the last (the official code also
+re-initialised after the last epoch, returning a random head: a bug that is not reproduced).
+Re-initialisation is the head's default initialisation, in place, so the optimizer and DDP keep
+referring to the same Parameter objects, and it draws from a generator seeded by ``(seed, event)``, so
+every process of a distributed run draws the same head.
 
 Faithful default: the head's momentum buffers and learning rate are left as they are (as in the
 official code). Switches: ``reset_momentum`` clears the head's optimizer state at each re-init;
 ``cyclic_lr`` gives the head a cosine learning rate that restarts at every re-init.
+
+The authors ran RIFLE for 40 epochs with a per-epoch cosine learning rate: every head then trains
+while the rate is still high. After a step decay, a new head trains at the low rate only
+(:func:`rifle_warnings` says so). The head's L2 weight beta: the RIFLE code used 1e-4 with L2-SP (its
+weight decay), the DELTA code 0.01 (deltatl's default); pass ``--beta 1e-4`` to reproduce RIFLE's
+L2-SP rows.
 """
 from __future__ import annotations
 
@@ -22,11 +29,22 @@ from ..errors import DeltatlError
 from ..models import init_head_
 
 
-def rifle_steps(total_steps: int, times: int, steps_per_epoch: int | None = None) -> list[int]:
-    """The steps after which the head is re-initialised.
+class RifleWarning(UserWarning):
+    """A RIFLE setting that leaves the final head under-trained."""
 
-    With ``steps_per_epoch`` the events fall on epoch boundaries (periods of whole epochs, as the
-    official code); otherwise on iterations.
+
+def rifle_steps(total_steps: int, times: int, steps_per_epoch: int | None = None) -> list[int]:
+    """The steps after which the head is re-initialised, as the authors' ``train.py`` spaces them.
+
+    Training is cut into periods of ``floor(units / (times + 1))`` units and the head is re-initialised
+    at the end of each of the first ``times`` periods; the remainder of the units goes to the last
+    head, so nothing is cut and no re-initialisation falls in the final period. With
+    ``steps_per_epoch`` (and a whole number of epochs) the units are epochs, as the official code
+    counts them; otherwise iterations. 40 epochs, 3 re-inits: after epochs 10, 20 and 30; 10 epochs,
+    3 re-inits: after epochs 2, 4 and 6 (the last head trains 4 epochs).
+
+    Raises:
+        DeltatlError: ``times`` is negative, or leaves a period shorter than one unit.
     """
     if times < 0:
         raise DeltatlError("--rifle must be >= 0")
@@ -34,12 +52,30 @@ def rifle_steps(total_steps: int, times: int, steps_per_epoch: int | None = None
         return []
     unit = steps_per_epoch if steps_per_epoch and total_steps % steps_per_epoch == 0 else 1
     units = total_steps // unit
-    if times >= units:
+    period = units // (times + 1)
+    if period < 1:
         raise DeltatlError(f"--rifle {times} needs more than {times} {'epochs' if unit > 1 else 'steps'}")
-    events = [unit * round(units * i / (times + 1)) for i in range(1, times + 1)]
-    if len(set(events)) != times or events[0] <= 0:
-        raise DeltatlError(f"cannot space {times} re-initialisations over {units} periods")
-    return events
+    return [unit * period * i for i in range(1, times + 1)]
+
+
+def rifle_warnings(steps: list[int], total_steps: int, decay_step: int | None) -> list[str]:
+    """Why a RIFLE run may end with an under-trained head (the caller shows these to the user).
+
+    Args:
+        steps: the re-initialisation steps (:func:`rifle_steps`).
+        decay_step: the step after which a step schedule divides the learning rate, or None.
+    """
+    if not steps:
+        return []
+    last, notes = steps[-1], []
+    if decay_step is not None and last >= decay_step:
+        notes.append(f"RIFLE re-initialises the head at step {last}, after the learning rate was divided "
+                     f"(step {decay_step}): the last head trains at the low rate only; RIFLE's authors used "
+                     f"a cosine schedule (--schedule cosine) and 40 epochs")
+    if total_steps - last < 0.1 * total_steps:
+        notes.append(f"RIFLE's last head trains {total_steps - last} of {total_steps} steps (under 10 %): "
+                     f"lower --rifle or train longer")
+    return notes
 
 
 @dataclass
