@@ -15,7 +15,7 @@ from deltatl.report import build_report, results_table
 from test_analysis import make_cub_parts, tiny_runs  # noqa: F401  (tiny_runs is a fixture)
 
 EVERY_RUN = ("l2", "l2-fe", "l2-sp", "delta", "rifle")
-FIGURES = ("learning_curves", "distance", "activation_maps", "keypoints", "attention", "rifle")
+FIGURES = ("learning_curves", "distance", "activation_maps", "keypoints", "delta_term", "attention", "rifle")
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_the_report_is_self_contained(report):
 def test_the_report_writes_the_numbers_and_the_results_table(report, tiny_runs):  # noqa: F811
     out, html = report["out"], report["html"]
     for name in ("learning_curves.csv", "distance_curves.csv", "distance_summary.json", "activation_maps.json",
-                 "keypoints.json", "attention.json", "rifle.csv", "results.csv"):
+                 "keypoints.json", "delta_term.csv", "attention.json", "rifle.csv", "results.csv"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     runs = load_runs([str(tiny_runs[n]) for n in EVERY_RUN])
     for row in results_table(runs).rows:
@@ -96,3 +96,17 @@ def test_report_cli_errors_are_one_line_and_exit_2(cli, tiny_runs, tmp_path, mak
 def test_build_report_refuses_an_empty_list(tmp_path):
     with pytest.raises(DeltatlError, match="no run directories"):
         build_report([], str(tmp_path))
+
+
+def test_the_delta_term_panel_holds_each_epochs_term_and_statistics_part_of_the_delta_run_only(report, tiny_runs):  # noqa: F811
+    import csv
+    import json
+
+    with open(report["out"] / "delta_term.csv") as f:
+        rows = list(csv.DictReader(f))
+    logged = [json.loads(line) for line in (tiny_runs["delta"] / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in logged if "event" not in r]
+    assert len(rows) == len(logged) and {r["run"] for r in rows} == {rows[0]["run"]}
+    for row, metrics in zip(rows, logged):
+        assert float(row["train/reg/delta"]) == metrics["train/reg/delta"]
+        assert float(row["delta/bn_gap"]) == metrics["delta/bn_gap"] > 0

@@ -10,6 +10,7 @@ Which analyses apply:
 - distance from the start, activation maps, channel attention vs activation: runs with a checkpoint
   (activation maps also need the run's dataset, for the sample images);
 - keypoint activations: runs on ``cub200``, or any runs given ``keypoints=`` a folder in CUB's format;
+- DELTA's term and its BatchNorm-statistics part: runs with DELTA's term;
 - channel attention: DELTA runs (``attention.json``);
 - RIFLE: runs that re-initialised their head.
 
@@ -32,6 +33,7 @@ from .analysis.activations import (SOURCE, activation_analysis, channel_strength
                                    default_map_layer, load_networks, same_input_group)
 from .analysis.attention import attention_analysis
 from .analysis.curves import learning_curves
+from .analysis.delta_term import delta_runs, delta_term_analysis
 from .analysis.distance import distance_analysis
 from .analysis.keypoints import keypoint_analysis, keypoints_source
 from .analysis.plotting import AnalysisResult, Table, fmt, write_csv
@@ -45,11 +47,12 @@ PAGE = "index.html"
 NOT_APPLICABLE = {
     "Keypoint activations": "needs part annotations: runs on --data cub200, or --keypoints DIR in CUB's format",
     "Channel attention": "no DELTA run (attention.json) among these runs",
+    "DELTA's term": "no run with DELTA's term (delta, delta-noatt) among these runs",
     "RIFLE re-initialisations": "no run re-initialised its head (--rifle K)",
 }
 #: Settings shown once above the results table when every run has the same value.
 SHARED_SETTINGS = ("data", "train_per_class", "val_per_class", "test_per_class", "model", "pretrained", "image_size",
-                   "epochs", "iters", "batch_size", "lr", "schedule", "beta", "delta_reduction")
+                   "epochs", "iters", "batch_size", "lr", "schedule", "beta", "delta_reduction", "delta_source_bn")
 
 
 def results_table(runs: Sequence[Run]) -> Table:
@@ -156,6 +159,9 @@ def build_report(run_dirs: Sequence[str], out: str, *, layer: str | None = None,
             strength = None  # the source activations belong to another architecture or data
         return attention_analysis(runs, out, strength)
 
+    def term() -> AnalysisResult:
+        return delta_term_analysis(runs, out)
+
     def rifle() -> AnalysisResult:
         return rifle_analysis(runs, out)
 
@@ -164,6 +170,7 @@ def build_report(run_dirs: Sequence[str], out: str, *, layer: str | None = None,
         ("Distance from the starting point", distance, True),
         ("Activation maps", features, True),
         ("Keypoint activations", keypoint, bool(keypoints) or any(r.config.get("data") == "cub200" for r in runs)),
+        ("DELTA's term", term, bool(delta_runs(runs))),
         ("Channel attention", attention, any(r.attention_path for r in runs)),
         ("RIFLE re-initialisations", rifle, any(r.rifle_steps for r in runs)),
     ]
