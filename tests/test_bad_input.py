@@ -366,3 +366,54 @@ def test_a_diverging_run_stops_with_one_line_and_reports_nothing_as_if_it_were_f
     line = assert_one_error_line(train(image_folder(), "--lr", "1e12", out=out), "training diverged", "Lower --lr")
     assert "in epoch 1" in line and "no checkpoint was written" in line
     assert not (out / "summary.json").exists() and not (out / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["compare", "--methods", "l2", "--seeds", "1"],
+    ["search", "--method", "l2-sp", "--alpha-grid", "0.01"],
+])
+def test_compare_and_search_never_write_into_a_folder_of_someone_elses_files(cli, tmp_path, argv):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "results.txt").write_text("my results\n")
+    (out / "notes").mkdir()
+    before = snapshot(out)
+    assert_one_error_line(cli(*argv, "--out", out), "did not write (notes, results.txt)")
+    assert snapshot(out) == before and sorted(p.name for p in out.iterdir()) == ["notes", "results.txt"]
+
+
+def test_report_never_writes_into_a_folder_of_someone_elses_files(cli, train, image_folder, tmp_path):
+    assert train(image_folder(), out=tmp_path / "run").code == 0
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("my thesis")
+    assert_one_error_line(cli("report", tmp_path / "run", "--out", out), "did not write (thesis.tex)")
+    assert sorted(p.name for p in out.iterdir()) == ["thesis.tex"]
+
+
+def test_an_output_folder_that_is_a_file_is_refused(cli, tmp_path):
+    target = tmp_path / "file.md"
+    target.write_text("x")
+    assert_one_error_line(cli("compare", "--methods", "l2", "--seeds", "1", "--out", target), "is a file")
+    assert target.read_text() == "x"
+
+
+@pytest.mark.parametrize("device, fragment", [("mps", "no MPS device"), ("meta", "runs on cpu, cuda")])
+def test_a_device_this_pytorch_cannot_train_on_is_one_error_line(train, image_folder, tmp_path, device, fragment):
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has an MPS device")
+    assert_one_error_line(train(image_folder(), "--device", device, out=tmp_path / "run"), fragment)
+
+
+def test_torchvision_weights_without_network_are_one_error_line(train, image_folder, tmp_path, monkeypatch):
+    import urllib.error
+
+    import torchvision
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(torchvision.models, "get_model", offline)
+    assert_one_error_line(train(image_folder(), "--model", "torchvision/resnet18", "--pretrained", "hub",
+                                out=tmp_path / "run"),
+                          "cannot fetch torchvision's pretrained weights for 'resnet18' (URLError)", "--checkpoint")

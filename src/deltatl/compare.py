@@ -20,7 +20,10 @@ from typing import Any, Callable, Sequence
 from .config import TrainConfig, parse_grid_values
 from .engine.objective import get_method
 from .errors import DeltatlError
+from .outputs import check_output_folder
 
+# What compare writes in its folder: the tables, and a folder per method spec (l2, delta+rifle3...).
+OWN_FILES = ("results*.md", "results*.csv", "paired*.csv", "alpha_selection*.json", "*.tmp")
 _SPEC = re.compile(r"^(?P<method>[a-z0-9-]+)(\+rifle(?P<rifle>\d+))?$")
 
 
@@ -42,6 +45,14 @@ def settings_tag(config: TrainConfig) -> str:
              (("source-bn", "delta_source_bn"), ("reduction", "delta_reduction"))
              if getattr(config, field) != getattr(default, field)]
     return "_".join(parts)
+
+
+def _is_spec(name: str) -> bool:
+    try:
+        parse_spec(name)
+    except DeltatlError:
+        return False
+    return True
 
 
 def _run_config(base: TrainConfig, out: str, spec: str, seed: int, alpha: float | None) -> TrainConfig:
@@ -84,6 +95,7 @@ def compare(base: TrainConfig, specs: Sequence[str], seeds: Sequence[int], out: 
     grids = dict(alpha_grid) if isinstance(alpha_grid, dict) else ({"*": list(alpha_grid)} if alpha_grid else {})
     for spec in specs:
         parse_spec(spec)
+    check_output_folder(out, "compare", OWN_FILES, also_own=_is_spec)
     chosen: dict[str, float] = {}
     selection: dict[str, dict[str, float | None]] = {}
     for spec in specs:

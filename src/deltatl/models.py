@@ -133,7 +133,11 @@ def _build_architecture(name: str, hub: bool, drop_path_rate: float = 0.0, aux_l
         if drop_path_rate:
             raise DeltatlError("--drop-path-rate needs a timm model (torchvision models have no drop path)")
         kwargs = {"aux_logits": True, "init_weights": False} if arch == "inception_v3" else {}
-        return torchvision.models.get_model(arch, weights="DEFAULT" if hub else None, **kwargs)
+        try:
+            return torchvision.models.get_model(arch, weights="DEFAULT" if hub else None, **kwargs)
+        except OSError as exc:  # urllib's URLError is an OSError: no network, proxy, server down
+            raise DeltatlError(f"cannot fetch torchvision's pretrained weights for '{arch}' "
+                               f"({type(exc).__name__}); use --checkpoint FILE or --pretrained none") from None
     import timm
 
     if not timm.is_model(name):

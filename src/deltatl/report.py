@@ -40,10 +40,13 @@ from .analysis.plotting import AnalysisResult, Table, fmt, write_csv
 from .analysis.rifle import rifle_analysis
 from .analysis.runs import Run, load_runs, sample_images
 from .errors import DeltatlError
+from .outputs import check_output_folder
 from .models import preprocessing
 
 PAGE = "index.html"
 #: Why an analysis is absent when none of the runs calls for it (listed at the end of the page).
+# What report writes in --out: the page, and every figure and number file beside it.
+OWN_FILES = ("index.html", "*.png", "*.svg", "*.csv", "*.json", "*.tmp")
 NOT_APPLICABLE = {
     "Keypoint activations": "needs part annotations: runs on --data cub200, or --keypoints DIR in CUB's format",
     "Channel attention": "no DELTA run (attention.json) among these runs",
@@ -104,6 +107,7 @@ def build_report(run_dirs: Sequence[str], out: str, *, layer: str | None = None,
     for run in runs:
         if out_real == os.path.realpath(run.path) or out_real.startswith(os.path.realpath(run.path) + os.sep):
             raise DeltatlError(f"--out {out} lies inside the run directory {run.path}; choose another folder")
+    check_output_folder(out, "report", OWN_FILES)
     dev = resolve_device(device)
     os.makedirs(out, exist_ok=True)
     results: list[AnalysisResult] = []

@@ -50,6 +50,10 @@ def resolve_device(name: str) -> torch.device:
         raise DeltatlError(f"unknown device '{name}' (cpu, cuda, cuda:N, mps or auto)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DeltatlError("--device cuda requested but no CUDA device is available")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise DeltatlError("--device mps requested but this PyTorch has no MPS device (Apple silicon only)")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise DeltatlError(f"--device {name}: deltatl runs on cpu, cuda, cuda:N or mps")
     return device
 
 
@@ -119,6 +123,8 @@ def decay_fraction(config: TrainConfig, total_steps: int) -> float:
 
 def _prepare_run_dir(run_dir: str, config: TrainConfig, resume: bool) -> dict[str, Any] | None:
     """Refuse to mix two runs in one folder; return the summary if this exact run already finished."""
+    if os.path.isfile(os.path.join(run_dir, ".lock")):
+        lock_run_dir(run_dir).close()  # raises if another process is training into the folder now
     config_path = os.path.join(run_dir, CONFIG_FILE)
     if os.path.isfile(config_path):
         previous = read_run_config(config_path)

@@ -60,7 +60,10 @@ from .data.folds import stratified_folds, write_folds
 from .data.images import ImageCollection
 from .engine.objective import get_method
 from .errors import DeltatlError
+from .outputs import check_output_folder
 
+# What search writes in --out (the study database with its journal files, the folds, the runs, results).
+OWN_FILES = ("study.db*", "folds", "trials", "refit", "search.json", "search.md", "*.tmp.*")
 STUDY_FILE = "study.db"  # the embedded SQLite study, in --out
 DEFAULT_STUDY = "deltatl-search"
 SPEC_ATTR = "deltatl_search"  # study user attribute: what the study searches (checked by every worker)
@@ -137,6 +140,7 @@ def check_search(base: TrainConfig, grid: Grid, folds: int, out: str) -> list[di
                            f"(l2-sp, delta-noatt and delta have; --lr-grid works with any method)")
     if folds < 2:
         raise DeltatlError(f"--folds must be at least 2, got {folds}")
+    check_output_folder(out, "search", OWN_FILES)
     for point in points:  # e.g. --lr-grid 0 is refused by TrainConfig here, not after hours of training
         fold_config(base, point, folds, 0, out)
     return points
