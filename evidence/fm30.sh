@@ -6,7 +6,7 @@
 # summary.json and metrics.jsonl are committed), interrupted ones continue (--resume). Run it again
 # until it prints "all done"; each stage prints its table when complete.
 #
-#   evidence/fm30.sh [stage...]     stages: search compare official rifle (default: all, in that order)
+#   evidence/fm30.sh [stage...]     stages: search compare relative rifle (default: all, in that order)
 #
 # Two processes share the machine's cores (OMP_NUM_THREADS=1 each): search stages run two workers
 # on one study; compare stages split their methods over two processes, then one more compare call
@@ -17,7 +17,7 @@ DELTATL=${DELTATL:-.venv/bin/deltatl}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 OUT=evidence/fm30
 COMMON=(--epochs 40 --val-per-class 20 --test-per-class 300 --attention-cache evidence/attention-cache --quiet --resume)
-OFFICIAL=(--delta-source-bn running --delta-reduction sum)
+RELATIVE=(--delta-source-bn batch --delta-reduction relative)
 SEEDS=5
 
 # search METHOD OUT [flags...]: two workers on one study; prints the chosen alpha's table
@@ -47,10 +47,10 @@ compare() {
   "$DELTATL" compare --methods $first $second --seeds "$SEEDS" "${COMMON[@]}" "$@" --out "$out"
 }
 
-stage_search() {  # alpha by 5-fold CV, deltatl's defaults (DELTA: relative term, source on batch statistics)
+stage_search() {  # alpha by 5-fold CV, deltatl's defaults (DELTA: the authors' term, source on running statistics)
   search l2-sp "$OUT/search/l2-sp" --alpha-grid 0.0001 0.001 0.01 0.1
-  search delta-noatt "$OUT/search/delta-noatt" --alpha-grid 0.01 0.1 1 3
-  search delta "$OUT/search/delta" --alpha-grid 0.01 0.1 1 3
+  search delta-noatt "$OUT/search/delta-noatt" --alpha-grid 0.0001 0.001 0.01
+  search delta "$OUT/search/delta" --alpha-grid 0.0001 0.001 0.01
 }
 
 stage_compare() {
@@ -59,12 +59,12 @@ stage_compare() {
     "delta=$(chosen $OUT/search/delta)"
 }
 
-stage_official() {  # the authors' DELTA term (summed, source on running statistics): its own CV, same baselines
-  search delta-noatt "$OUT/search/delta-noatt-official" "${OFFICIAL[@]}" --alpha-grid 0.0001 0.001 0.01
-  search delta "$OUT/search/delta-official" "${OFFICIAL[@]}" --alpha-grid 0.0001 0.001 0.01
-  compare "$OUT/compare" "l2 l2-fe l2-sp" "delta-noatt delta" "${OFFICIAL[@]}" \
-    --alpha-grid "l2-sp=$(chosen $OUT/search/l2-sp)" "delta-noatt=$(chosen $OUT/search/delta-noatt-official)" \
-    "delta=$(chosen $OUT/search/delta-official)"
+stage_relative() {  # the alternative DELTA term (relative, source on batch statistics): its own CV, same baselines
+  search delta-noatt "$OUT/search/delta-noatt-relative" "${RELATIVE[@]}" --alpha-grid 0.01 0.1 1 3
+  search delta "$OUT/search/delta-relative" "${RELATIVE[@]}" --alpha-grid 0.01 0.1 1 3
+  compare "$OUT/compare" "l2 l2-fe l2-sp" "delta-noatt delta" "${RELATIVE[@]}" \
+    --alpha-grid "l2-sp=$(chosen $OUT/search/l2-sp)" "delta-noatt=$(chosen $OUT/search/delta-noatt-relative)" \
+    "delta=$(chosen $OUT/search/delta-relative)"
 }
 
 stage_rifle() {  # RIFLE on its authors' recipe: 40 epochs, cosine learning rate, K = 1 and 3
@@ -73,7 +73,7 @@ stage_rifle() {  # RIFLE on its authors' recipe: 40 epochs, cosine learning rate
 }
 
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(search compare official rifle)
+[ ${#stages[@]} -gt 0 ] || stages=(search compare relative rifle)
 for stage in "${stages[@]}"; do
   echo "== $stage"
   "stage_$stage"
