@@ -203,13 +203,14 @@ def test_every_method_is_paired_by_seed_with_each_baseline_and_a_rifle_spec_with
     assert "| delta | l2 | 3 | +2.00 | 1.00 | [-0.48, +4.48] |" in (tmp_path / "cmp" / "results.md").read_text()
 
 
-def test_results_of_the_authors_delta_settings_get_their_own_file_names_beside_the_defaults(tmp_path):
+def test_delta_runs_of_other_settings_share_the_folder_and_its_baselines_with_their_own_results(tmp_path):
     trainer = FakeTrainer(val=lambda c: 70.0)
-    official = TrainConfig(delta_source_bn="running", delta_reduction="sum")
-    compare(official, ["l2", "delta"], [0, 1], str(tmp_path / "cmp"), train=trainer)
+    other = TrainConfig(delta_source_bn="batch", delta_reduction="relative")
+    compare(other, ["l2", "delta"], [0, 1], str(tmp_path / "cmp"), train=trainer)
     compare(TrainConfig(), ["l2", "delta"], [0, 1], str(tmp_path / "cmp"), train=trainer)
     names = sorted(p.name for p in (tmp_path / "cmp").glob("results*.md"))
-    assert names == ["results-source-bn-running_reduction-sum.md", "results.md"]
+    assert names == ["results-source-bn-batch_reduction-relative.md", "results.md"]
     folders = {Path(c.out).relative_to(tmp_path / "cmp").parts[:2] for c in trainer.configs}
-    assert folders == {("l2", "seed0"), ("l2", "seed1"), ("delta", "seed0"), ("delta", "seed1"),
-                       ("delta", "source-bn-running_reduction-sum")}
+    # DELTA's folders name the term's settings, whatever the defaults are; l2's runs are shared
+    assert folders == {("l2", "seed0"), ("l2", "seed1"), ("delta", "source-bn-running_reduction-sum"),
+                       ("delta", "source-bn-batch_reduction-relative")}

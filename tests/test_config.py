@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from deltatl.cli import _config_from, build_parser
-from deltatl.config import RELATIVE_ALPHA, TrainConfig, dump_yaml, load_yaml, make_config, read_run_config
+from deltatl.config import EMBEDDED_DELTA_ALPHA, OFFICIAL_ALPHA, RELATIVE_ALPHA, TrainConfig, dump_yaml, load_yaml, make_config, read_run_config
 from deltatl.errors import DeltatlError
 
 SKIP = ("command", "config", "resume", "quiet")
@@ -164,23 +164,26 @@ def test_the_saved_config_reads_back_as_the_same_config(tmp_path):
 @pytest.mark.parametrize("settings, alpha", [
     ({"method": "l2"}, None),
     ({"method": "l2-fe"}, None),
-    ({"method": "l2-sp"}, 0.01),  # the authors'
-    ({"method": "delta", "delta_reduction": "sum"}, 0.01),  # the authors'
-    ({"method": "delta-noatt", "delta_reduction": "sum"}, 0.01),
-    ({"method": "delta"}, RELATIVE_ALPHA),  # the relative term's own default
-    ({"method": "delta-noatt"}, RELATIVE_ALPHA),
+    ({"method": "l2-sp"}, OFFICIAL_ALPHA),  # the authors'
+    ({"method": "delta"}, EMBEDDED_DELTA_ALPHA),  # the official term, calibrated for the embedded model
+    ({"method": "delta-noatt"}, EMBEDDED_DELTA_ALPHA),
+    ({"method": "delta", "model": "resnet50"}, OFFICIAL_ALPHA),  # any other model: the authors'
+    ({"method": "delta", "delta_reduction": "mean"}, OFFICIAL_ALPHA),
+    ({"method": "delta", "delta_reduction": "relative"}, RELATIVE_ALPHA),  # the relative term's own scale
+    ({"method": "delta", "delta_reduction": "relative", "model": "resnet50"}, RELATIVE_ALPHA),
     ({"method": "delta", "alpha": 0.3}, 0.3),  # given: used as it is
     ({"method": "l2", "alpha": 0.3}, None),  # a method without alpha has none
 ])
-def test_alpha_resolves_per_method_and_delta_reduction(settings, alpha):
+def test_alpha_resolves_per_method_delta_reduction_and_model(settings, alpha):
     assert TrainConfig(**settings).resolved_alpha() == alpha
 
 
-def test_the_product_defaults_for_delta_are_the_relative_term_on_batch_statistics_and_presets_can_pin_the_authors():
+def test_the_defaults_for_delta_are_the_authors_term_and_the_alternatives_are_switches():
     config = TrainConfig(method="delta")
-    assert (config.delta_reduction, config.delta_source_bn) == ("relative", "batch")
-    official = config_from_argv("--method", "delta", "--delta-reduction", "sum", "--delta-source-bn", "running")
-    assert (official.delta_reduction, official.delta_source_bn, official.resolved_alpha()) == ("sum", "running", 0.01)
+    assert (config.delta_reduction, config.delta_source_bn) == ("sum", "running")
+    other = config_from_argv("--method", "delta", "--delta-reduction", "relative", "--delta-source-bn", "batch")
+    assert (other.delta_reduction, other.delta_source_bn, other.resolved_alpha()) == ("relative", "batch",
+                                                                                      RELATIVE_ALPHA)
 
 
 def test_result_fields_hold_only_the_settings_the_method_uses_with_alpha_resolved():
@@ -188,7 +191,7 @@ def test_result_fields_hold_only_the_settings_the_method_uses_with_alpha_resolve
     assert not {"alpha", "beta"} & set(plain)
     assert not [k for k in plain if k.startswith(("delta_", "attention_"))]
     noatt = TrainConfig(method="delta-noatt").result_fields()
-    assert noatt["alpha"] == RELATIVE_ALPHA and noatt["delta_source_bn"] == "batch"
+    assert noatt["alpha"] == EMBEDDED_DELTA_ALPHA and noatt["delta_source_bn"] == "running"
     assert not [k for k in noatt if k.startswith("attention_")]
     assert "attention_temperature" in TrainConfig(method="delta").result_fields()
     # so a run of l2 is the same run whatever DELTA's settings were on the command line

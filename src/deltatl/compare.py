@@ -36,15 +36,12 @@ def parse_spec(spec: str) -> tuple[str, int]:
 
 
 def settings_tag(config: TrainConfig) -> str:
-    """``"source-bn-running_reduction-sum"`` for DELTA's term set otherwise than the defaults, else "":
-    runs of both settings can then share one comparison folder (and its l2, l2-sp, l2-fe runs)."""
+    """``"source-bn-running_reduction-sum"``: the folder of DELTA runs names their term's settings (and
+    stays the same when the defaults change), so runs of both settings share one comparison folder and
+    its baseline runs; "" for methods without DELTA's term."""
     if not get_method(config.method).feature_maps:
         return ""
-    default = TrainConfig()
-    parts = [f"{name}-{getattr(config, field)}" for name, field in
-             (("source-bn", "delta_source_bn"), ("reduction", "delta_reduction"))
-             if getattr(config, field) != getattr(default, field)]
-    return "_".join(parts)
+    return f"source-bn-{config.delta_source_bn}_reduction-{config.delta_reduction}"
 
 
 def _is_spec(name: str) -> bool:
@@ -125,7 +122,10 @@ def compare(base: TrainConfig, specs: Sequence[str], seeds: Sequence[int], out: 
                "tests": test}  # per seed, in the order of ``seeds``
         rows.append(row)
     paired = paired_differences({r["method"]: r["tests"] for r in rows})
-    write_results(out, rows, selection, seeds, paired, settings_tag(replace(base, method="delta")))
+    default = TrainConfig()
+    tag = settings_tag(replace(base, method="delta")) if (base.delta_source_bn, base.delta_reduction) != (
+        default.delta_source_bn, default.delta_reduction) else ""
+    write_results(out, rows, selection, seeds, paired, tag)
     return rows
 
 

@@ -303,7 +303,7 @@ def alpha_origin(config: TrainConfig) -> str | None:
     """Where the run's alpha comes from (printed, and kept in the summary)."""
     if config.resolved_alpha() is None:
         return None
-    return "--alpha" if config.alpha is not None else default_alpha(config.method, config.delta_reduction)[1]
+    return "--alpha" if config.alpha is not None else default_alpha(config.method, config.delta_reduction, config.model)[1]
 
 
 def build_objective(config: TrainConfig, model: torch.nn.Module, train_set: TransformedImages, run_dir: str,
