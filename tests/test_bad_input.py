@@ -417,3 +417,15 @@ def test_torchvision_weights_without_network_are_one_error_line(train, image_fol
     assert_one_error_line(train(image_folder(), "--model", "torchvision/resnet18", "--pretrained", "hub",
                                 out=tmp_path / "run"),
                           "cannot fetch torchvision's pretrained weights for 'resnet18' (URLError)", "--checkpoint")
+
+
+def test_eval_of_an_unfinished_run_says_which_step_its_checkpoint_is_from(cli, train, image_folder, tmp_path):
+    run = tmp_path / "run"
+    assert train(image_folder(), "--epochs", "2", out=run).code == 0
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert state["done"] and state["step"] == state["total_steps"]
+    state.update(done=False, step=3)  # as a run stopped at step 3
+    torch.save(state, run / "checkpoint.pt")
+    with pytest.warns(UserWarning, match=f"unfinished run's checkpoint, from step 3 of {state['total_steps']}"):
+        result = cli("eval", run)
+    assert result.code == 0, result.err

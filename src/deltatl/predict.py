@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Sequence
 
 import torch
@@ -29,6 +30,9 @@ def load_trained(path: str) -> tuple[nn.Module, dict[str, Any]]:
     if not isinstance(state, dict) or "model" not in state or "run_info" not in state:
         raise DeltatlError(f"{path} is not a deltatl run checkpoint")
     info = state["run_info"]
+    if not state.get("done", True):  # a model in the middle of its training: say so, it may be far from final
+        of = f" of {state['total_steps']}" if state.get("total_steps") else ""
+        warnings.warn(f"{path} is an unfinished run's checkpoint, from step {state.get('step')}{of}", stacklevel=2)
     config = info["config"]
     # a kept Inception aux head is part of the trained weights (a setting absent from older runs: 0)
     model = create_model(config["model"], len(info["classes"]), pretrained="none",

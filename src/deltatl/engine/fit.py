@@ -331,7 +331,7 @@ def fit(objective: Objective, train_set: TransformedImages, val_set: Dataset | N
             return
         state = {"model": bare.state_dict(), "regularizer": objective.regularizer_state(),
                  "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                 "step": step, "seconds": elapsed + time.perf_counter() - started,
+                 "step": step, "total_steps": total_steps, "seconds": elapsed + time.perf_counter() - started,
                  "epoch_sums": {k: v.cpu() for k, v in sums.items()}, "rng": rng[0],
                  "bn_gap": None if gap is None else gap.cpu(),
                  "world_size": world, "run_info": run_info or {}, "done": done}
