@@ -186,9 +186,10 @@ def write_results(out: str, rows: Sequence[dict[str, Any]], selection: dict[str,
 
     def write(name: str, write_to: Callable[[Any], None], newline: str | None = None) -> None:
         path = os.path.join(out, name.replace(".", f"{suffix}.", 1))
-        with open(f"{path}.tmp", "w", newline=newline) as f:
+        tmp = f"{path}.{os.getpid()}.tmp"  # two compare processes may share a folder
+        with open(tmp, "w", newline=newline) as f:
             write_to(f)
-        os.replace(f"{path}.tmp", path)
+        os.replace(tmp, path)
 
     text = markdown_table(rows) + f"\n\nmean ± std over seeds {', '.join(map(str, seeds))}\n"
     if paired:
