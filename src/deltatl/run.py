@@ -26,7 +26,7 @@ from .engine.channel_attention import (cache_key, cached_channel_attention, esti
                                        layer_channels)
 from .engine.objective import Objective, get_method
 from .engine.rifle import Rifle, RifleWarning, rifle_steps, rifle_warnings
-from .engine.schedule import CYCLIC
+from .engine.schedule import CYCLIC, step_decay_at
 from .engine.tricks import DisturbLabel, check_stochastic_depth, install_head_regularization, suspended
 from .errors import DeltatlError
 from .features import layer_preset
@@ -178,7 +178,7 @@ def train_run(config: TrainConfig, *, resume: bool = False, progress: bool = Tru
         rifle = Rifle(head_module(model), rifle_steps(total_steps, config.rifle, None if config.iters else spe),
                       seed=config.seed, init=config.head_init, reset_momentum=config.rifle_reset_momentum,
                       cyclic_lr=config.rifle_cyclic_lr)
-        decay_step = max(1, round(decay * total_steps)) if config.schedule == "step" else None
+        decay_step = step_decay_at(total_steps, decay) if config.schedule == "step" else None
         for note in rifle_warnings(rifle.steps, total_steps, decay_step):
             if dist.is_primary:
                 warnings.warn(note, RifleWarning, stacklevel=2)

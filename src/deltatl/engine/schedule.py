@@ -55,6 +55,11 @@ class CyclicLRScheduler(Scheduler):
         return [base * self.factor(t) for base in self.base_values]
 
 
+def step_decay_at(total_steps: int, decay_fraction: float) -> int:
+    """The step after which the ``step`` schedule divides the learning rate by 10."""
+    return max(1, round(decay_fraction * total_steps))
+
+
 def create_schedule(optimizer: Optimizer, name: str, total_steps: int, steps_per_epoch: int,
                     decay_fraction: float = 2 / 3, cycles: int = 1, min_factor: float = 0.0) -> Scheduler:
     """The scheduler ``name`` (see the module docstring); ``cycles`` and ``min_factor`` are those of the
@@ -62,7 +67,7 @@ def create_schedule(optimizer: Optimizer, name: str, total_steps: int, steps_per
     if name in CYCLIC:
         return CyclicLRScheduler(optimizer, name, total_steps, cycles, min_factor)
     if name == "step":
-        return StepLRScheduler(optimizer, decay_t=max(1, round(decay_fraction * total_steps)),
+        return StepLRScheduler(optimizer, decay_t=step_decay_at(total_steps, decay_fraction),
                                decay_rate=0.1, t_in_epochs=False)
     if name == "exp":
         epochs_to_tenth = max(decay_fraction * total_steps / steps_per_epoch, 1e-9)
