@@ -1,16 +1,21 @@
 """Bad input: one clear line on stderr, a non-zero exit, no traceback, no lost files."""
 from __future__ import annotations
 
+import errno
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
+from PIL import Image
 
 import deltatl.run
 from deltatl.engine.objective import Objective
@@ -429,3 +434,169 @@ def test_eval_of_an_unfinished_run_says_which_step_its_checkpoint_is_from(cli, t
     with pytest.warns(UserWarning, match=f"unfinished run's checkpoint, from step 3 of {state['total_steps']}"):
         result = cli("eval", run)
     assert result.code == 0, result.err
+
+
+# --- the file system says no ----------------------------------------------------------------------------
+
+def fail_writes_to(monkeypatch, fragment: str, error: OSError) -> None:
+    """Every file deltatl writes whose path holds ``fragment`` fails as the file system would: the
+    temporary file is created, then the write fails (a full disk), or it cannot be created at all."""
+    import deltatl.outputs
+
+    def failing_open(path, mode="r", **kwargs):
+        if fragment not in os.fspath(path):
+            return open(path, mode, **kwargs)
+        if error.errno == errno.ENOSPC:
+            open(path, mode, **kwargs).close()
+        raise OSError(error.errno, error.strerror)
+
+    monkeypatch.setattr(deltatl.outputs, "open", failing_open, raising=False)
+
+
+def temporary_files(folder: Path) -> list[str]:
+    return [str(p) for p in folder.rglob("*.tmp")]
+
+
+def test_a_full_disk_is_one_error_line_leaves_no_temporary_file_and_the_run_resumes(train, image_folder,
+                                                                                    tmp_path, monkeypatch):
+    root, run = image_folder(), tmp_path / "run"
+    fail_writes_to(monkeypatch, "checkpoint.pt", OSError(errno.ENOSPC, "No space left on device"))
+    assert_one_error_line(train(root, "--epochs", "2", out=run), "No space left on device",
+                          f"{run}/checkpoint.pt")
+    assert temporary_files(run) == []
+    assert (run / "config.yaml").exists() and not (run / "summary.json").exists()
+
+    monkeypatch.undo()  # space was freed
+    resumed = train(root, "--epochs", "2", "--resume", out=run)
+    assert resumed.code == 0, resumed.err
+    assert json.loads((run / "summary.json").read_text())["steps"] == 2 * (18 // 4)
+
+
+@pytest.mark.parametrize("command", ["train", "compare", "search", "report"])
+def test_an_output_folder_that_cannot_be_written_is_one_error_line(cli, image_folder, tiny_train_args, tmp_path,
+                                                                   monkeypatch, command):
+    root, out = image_folder(), tmp_path / "out"
+    first = cli("train", "--data", root, *tiny_train_args, "--out", tmp_path / "done")
+    assert first.code == 0, first.err
+    fail_writes_to(monkeypatch, str(out), OSError(errno.EROFS, "Read-only file system"))
+    args = {"train": ["train", "--data", root, *tiny_train_args],
+            "compare": ["compare", "--data", root, *tiny_train_args, "--methods", "l2", "--seeds", "1"],
+            "search": ["search", "--data", root, *tiny_train_args, "--method", "l2-sp", "--folds", "2",
+                       "--alpha-grid", "0.01"],
+            "report": ["report", tmp_path / "done"]}[command]
+    assert_one_error_line(cli(*args, "--out", out), "Read-only file system", str(out))
+    assert temporary_files(out) == [] if out.exists() else True
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads and writes through any permission")
+def test_a_really_read_only_output_folder_is_one_error_line(train, image_folder, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    assert_one_error_line(train(image_folder(), out=locked / "run"), "Permission denied", "locked")
+
+
+def test_an_unreadable_class_folder_is_one_error_line_naming_it(train, image_folder, tmp_path, monkeypatch):
+    root = image_folder()
+    unreadable = str(root / "train" / "green")
+    listdir = os.listdir
+
+    def refusing_listdir(path="."):
+        if os.fspath(path) == unreadable:
+            raise PermissionError(errno.EACCES, "Permission denied", unreadable)
+        return listdir(path)
+
+    monkeypatch.setattr(os, "listdir", refusing_listdir)
+    assert_one_error_line(train(root), "Permission denied", unreadable)
+    assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_during_start_up_is_one_line_without_traceback(tmp_path, image_folder, tiny_train_args):
+    """SIGINT half a second in: Python is still importing PyTorch (or, on a fast machine, training)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "deltatl", "train", "--data", str(image_folder()),
+                             *tiny_train_args, "--out", "run"], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert "Traceback" not in err, err
+    assert proc.returncode in (0, 130), err  # 0: it had already finished
+    if proc.returncode == 130:
+        assert err.splitlines()[-1].startswith("deltatl: interrupted"), err
+
+
+# --- a run's weights as the starting point of another --------------------------------------------------
+
+def test_a_deltatl_run_checkpoint_is_a_valid_starting_checkpoint(train, image_folder, tmp_path):
+    root = image_folder()
+    assert train(root, out=tmp_path / "first").code == 0
+    second = train(root, "--checkpoint", tmp_path / "first" / "checkpoint.pt", out=tmp_path / "second")
+    assert second.code == 0, second.err
+    state = torch.load(tmp_path / "first" / "checkpoint.pt", weights_only=True)  # safe loader: tensors only
+    assert set(state["model"]) == set(timm.create_model("test_resnet", num_classes=3).state_dict())
+
+
+# --- runs can be found again ---------------------------------------------------------------------------
+
+def test_eval_works_from_another_directory_and_after_the_data_moved(cli, train, image_folder, tmp_path,
+                                                                    monkeypatch):
+    root = image_folder()
+    monkeypatch.chdir(root.parent)
+    assert train(root.name, out=tmp_path / "run").code == 0  # a relative --data
+    monkeypatch.chdir(tmp_path / "run")
+    first = cli("eval", tmp_path / "run")
+    assert first.code == 0, first.err
+
+    moved = root.rename(tmp_path / "moved")
+    assert_one_error_line(cli("eval", tmp_path / "run"), f"{root} is not there any more", "--data-root")
+    again = cli("eval", tmp_path / "run", "--data-root", moved)
+    assert again.code == 0, again.err
+    assert again.out == first.out
+
+
+# --- images of every mode Pillow opens ------------------------------------------------------------------
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda: Image.fromarray(np.full((6, 6), 40000, np.uint16)), (156, 156, 156)),           # 16-bit PNG
+    (lambda: Image.fromarray(np.full((6, 6), 65535, np.uint16)), (255, 255, 255)),
+    (lambda: Image.fromarray(np.full((6, 6), 0.5, np.float32)), (128, 128, 128)),            # float 0..1
+    (lambda: Image.fromarray(np.full((6, 6), 77.0, np.float32)), (77, 77, 77)),              # float 0..255
+    (lambda: Image.fromarray(np.full((6, 6), 40000, np.int32)), (156, 156, 156)),           # 32-bit int
+    (lambda: Image.new("L", (6, 6), 90).convert("I"), (90, 90, 90)),                        # 8-bit in I
+    (lambda: Image.new("RGBA", (6, 6), (10, 20, 30, 0)), (255, 255, 255)),                  # transparent
+    (lambda: Image.new("RGBA", (6, 6), (200, 30, 40, 255)), (200, 30, 40)),                  # opaque
+    (lambda: Image.new("LA", (6, 6), (0, 128)), (127, 127, 127)),                             # half on white
+    (lambda: Image.new("RGBA", (6, 6), (0, 0, 0, 0)).convert("P"), (255, 255, 255)),         # palette, clear
+    (lambda: Image.new("RGB", (6, 6), (200, 30, 40)).convert("CMYK"), (200, 30, 40)),
+    (lambda: Image.new("RGB", (6, 6), (200, 30, 40)).convert("P", dither=Image.Dither.NONE), (204, 51, 51)),
+    (lambda: Image.new("1", (6, 6), 1), (255, 255, 255)),
+])
+def test_images_of_every_mode_load_with_their_full_range_and_colours(tmp_path, make, expected):
+    from deltatl.data.images import FileImages
+
+    image = make()
+    path = tmp_path / ("x.tif" if image.mode in ("F", "I", "CMYK") else "x.png")
+    image.save(path)
+    loaded = FileImages(str(tmp_path), [path.name], [0], ["a"]).load(0)
+    assert loaded.mode == "RGB"
+    assert np.abs(np.asarray(loaded, dtype=int) - expected).max() <= 1, (Image.open(path).mode,
+                                                                        np.asarray(loaded)[0, 0])
+
+
+def test_timm_weights_without_network_fail_at_once_with_one_line(train, image_folder, tmp_path, monkeypatch):
+    """No name lookup: the local cache only (huggingface_hub would otherwise retry for about 25 s a file)."""
+    import socket
+
+    import huggingface_hub
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    waits = []
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(huggingface_hub.utils._http.time, "sleep", waits.append)
+    assert_one_error_line(train(image_folder(), "--model", "resnet18", "--pretrained", "hub", out=tmp_path / "run"),
+                          "cannot fetch pretrained weights for 'resnet18'", "not in the local cache", "--checkpoint")
+    assert waits == []  # no retry
+    assert huggingface_hub.constants.HF_HUB_OFFLINE is False  # offline only while creating the model

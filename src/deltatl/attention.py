@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from .features import FeatureHooks, _resolve_modules
+from .outputs import atomic_open
 
 __all__ = ["FORMAT", "METHODS", "channel_attention_scores", "normalize_scores", "read_scores",
            "write_scores"]
@@ -109,17 +110,8 @@ def write_scores(path: str | os.PathLike[str], raw: Mapping[str, Tensor | Sequen
         text = json.dumps({"format": FORMAT, "layers": layers, "meta": dict(meta or {})}, allow_nan=False)
     except ValueError:
         raise ValueError(f"{os.fspath(path)}: scores or meta contain NaN or infinity") from None
-    tmp = f"{os.fspath(path)}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as file:
-            file.write(text + "\n")
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "w", encoding="utf-8") as file:
+        file.write(text + "\n")
 
 
 def _as_scores(path: str, name: str, values: Any) -> Tensor:

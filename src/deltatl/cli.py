@@ -10,12 +10,14 @@ Several processes (DDP): ``torchrun --standalone --nproc_per_node N -m deltatl t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import warnings
 from typing import Any, Sequence
 
 from .config import OFFICIAL_ALPHA, RELATIVE_ALPHA, TrainConfig, load_yaml, make_config
+from .data import DATASETS
 from .engine.objective import SOURCE_BN_MODES
 from .errors import DeltatlError
 from .regularizers import DELTA_REDUCTIONS
@@ -165,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a run's checkpoint on a split of its dataset")
     p.add_argument("checkpoint", help="a run directory or its checkpoint.pt")
     p.add_argument("--split", choices=("train", "val", "test"), default="test")
-    p.add_argument("--data-root", help="where the dataset's files are now (default: as in the run)")
+    p.add_argument("--data-root", help="where the run's data is now: its image folder, or a named dataset's files "
+                   "(default: as in the run)")
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true")
 
@@ -246,7 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _config_from(args: argparse.Namespace, skip: Sequence[str]) -> TrainConfig:
     file_values = load_yaml(args.config) if getattr(args, "config", None) else {}
     cli = {k: v for k, v in vars(args).items() if k not in skip}
-    return make_config(file_values, cli)
+    config = make_config(file_values, cli)
+    if config.data not in DATASETS and os.path.isdir(config.data):
+        # an image folder by its absolute path: `deltatl eval RUN` then works from any directory
+        config = dataclasses.replace(config, data=os.path.abspath(config.data))
+    return config
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -410,6 +417,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("deltatl: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # a full disk, a read-only or unreadable folder: the system's own words, one line
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"deltatl: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
     finally:
         warnings.formatwarning = previous_format
 

@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 from .config import TrainConfig, parse_grid_values
 from .engine.objective import get_method
 from .errors import DeltatlError
-from .outputs import check_output_folder
+from .outputs import atomic_open, check_output_folder
 
 # What compare writes in its folder: the tables, and a folder per method spec (l2, delta+rifle3...).
 OWN_FILES = ("results*.md", "results*.csv", "paired*.csv", "alpha_selection*.json", "*.tmp")
@@ -186,10 +186,8 @@ def write_results(out: str, rows: Sequence[dict[str, Any]], selection: dict[str,
 
     def write(name: str, write_to: Callable[[Any], None], newline: str | None = None) -> None:
         path = os.path.join(out, name.replace(".", f"{suffix}.", 1))
-        tmp = f"{path}.{os.getpid()}.tmp"  # two compare processes may share a folder
-        with open(tmp, "w", newline=newline) as f:
+        with atomic_open(path, "w", newline=newline) as f:
             write_to(f)
-        os.replace(tmp, path)
 
     text = markdown_table(rows) + f"\n\nmean ± std over seeds {', '.join(map(str, seeds))}\n"
     if paired:

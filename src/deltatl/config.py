@@ -17,6 +17,7 @@ import yaml
 from .engine.objective import METHODS, SOURCE_BN_MODES, get_method
 from .errors import DeltatlError
 from .models import EMBEDDED_MODEL
+from .outputs import atomic_open
 from .regularizers import DELTA_REDUCTIONS
 
 
@@ -300,10 +301,8 @@ def make_config(file_values: dict[str, Any], cli_values: dict[str, Any]) -> Trai
 
 
 def dump_yaml(config: TrainConfig, path: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
+    with atomic_open(path) as f:
         yaml.safe_dump(config.result_fields(), f, sort_keys=False)
-    os.replace(tmp, path)
 
 
 def read_run_config(path: str) -> dict[str, Any]:

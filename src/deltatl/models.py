@@ -24,10 +24,13 @@ weighted auxiliary cross-entropy (:class:`deltatl.engine.objective.Objective`, `
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -146,16 +149,48 @@ def _build_architecture(name: str, hub: bool, drop_path_rate: float = 0.0, aux_l
         raise DeltatlError(f"unknown model '{name}'{hint}; any timm name, or torchvision/<name>")
     options = {**({"drop_path_rate": drop_path_rate} if drop_path_rate else {}),
                **({"aux_logits": True} if aux_logits else {})}
+    offline = hub and not _hub_reachable()
     try:
-        return timm.create_model(name, pretrained=hub, **options)
+        with _hub_offline(offline):
+            return timm.create_model(name, pretrained=hub, **options)
     except Exception as exc:  # no network, no such tag...: one line, not a hub traceback
         if options and isinstance(exc, TypeError) and "unexpected keyword argument" in str(exc):
             # raised by the constructor, before any download
             flags = {"drop_path_rate": "--drop-path-rate", "aux_logits": "--aux-weight"}
             bad = [flags[k] for k in options if k in str(exc)] or [flags[k] for k in options]
             raise DeltatlError(f"model '{name}' does not support {' / '.join(bad)}") from None
+        why = "the hub cannot be reached and they are not in the local cache" if offline else type(exc).__name__
         raise DeltatlError(f"cannot fetch pretrained weights for '{name}' from the hub "
-                           f"({type(exc).__name__}); use --checkpoint FILE or --pretrained none") from None
+                           f"({why}); use --checkpoint FILE or --pretrained none") from None
+
+
+def _hub_reachable() -> bool:
+    """Whether the Hugging Face hub's host name resolves. Without it, huggingface_hub would retry each
+    file for about 25 s (five growing waits) before giving up; a failed name lookup is not transient."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.getaddrinfo(host, 443)
+    except (OSError, UnicodeError):
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _hub_offline(offline: bool) -> Iterator[None]:
+    """huggingface_hub's offline mode (the local cache only) while the block runs, if ``offline``."""
+    from huggingface_hub import constants
+
+    previous = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = previous or offline
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = previous
 
 
 def head_name(model: nn.Module) -> str:

@@ -10,7 +10,8 @@ from PIL import Image
 from torch import nn
 
 from .config import make_config
-from .data import TransformedImages
+from .data import DATASETS, TransformedImages
+from .data.images import to_rgb
 from .data.transforms import evaluation_transform
 from .engine import checkpoint as ckpt
 from .engine.evaluate import crop_logits, evaluate
@@ -45,7 +46,13 @@ def evaluate_checkpoint(path: str, *, split: str = "test", data_root: str | None
                         progress: bool = True) -> dict[str, float]:
     model, info = load_trained(path)
     values = dict(info["config"])
-    if data_root:
+    if values["data"] not in DATASETS:  # an image folder: --data-root is where it is now
+        if data_root:
+            values["data"] = data_root
+        elif not os.path.isdir(values["data"]):
+            raise DeltatlError(f"the run's image folder {values['data']} is not there any more; "
+                               f"give its new place with --data-root")
+    elif data_root:
         values["data_root"] = data_root
     config = make_config({}, values)
     splits = open_splits(config)
@@ -81,7 +88,7 @@ def predict_files(paths: Sequence[str], *, checkpoint: str | None = None, top_k:
     for path in paths:
         try:
             with Image.open(path) as img:
-                x = transform(img.convert("RGB")).unsqueeze(0).to(dev)
+                x = transform(to_rgb(img)).unsqueeze(0).to(dev)
         except (OSError, ValueError) as exc:
             raise DeltatlError(f"cannot read image {path}: {exc}") from None
         probs = (crop_logits(model, x) if x.dim() == 5 else model(x)).softmax(dim=1)[0]

@@ -40,7 +40,7 @@ from .analysis.plotting import AnalysisResult, Table, fmt, write_csv
 from .analysis.rifle import rifle_analysis
 from .analysis.runs import Run, load_runs, sample_images
 from .errors import DeltatlError
-from .outputs import check_output_folder
+from .outputs import atomic_open, check_output_folder
 from .models import preprocessing
 
 PAGE = "index.html"
@@ -193,7 +193,7 @@ def build_report(run_dirs: Sequence[str], out: str, *, layer: str | None = None,
     write_csv(os.path.join(out, "results.csv"), [dict(zip(table.header, row)) for row in table.rows])
     page = render_html(runs, results, skipped, notes, out)
     path = os.path.join(out, PAGE)
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic_open(path, "w", encoding="utf-8") as f:
         f.write(page)
     return path
 

@@ -60,10 +60,10 @@ from .data.folds import stratified_folds, write_folds
 from .data.images import ImageCollection
 from .engine.objective import get_method
 from .errors import DeltatlError
-from .outputs import check_output_folder
+from .outputs import atomic_open, check_output_folder
 
 # What search writes in --out (the study database with its journal files, the folds, the runs, results).
-OWN_FILES = ("study.db*", "folds", "trials", "refit", "search.json", "search.md", "*.tmp.*")
+OWN_FILES = ("study.db*", "folds", "trials", "refit", "search.json", "search.md", "*.tmp")
 STUDY_FILE = "study.db"  # the embedded SQLite study, in --out
 DEFAULT_STUDY = "deltatl-search"
 SPEC_ATTR = "deltatl_search"  # study user attribute: what the study searches (checked by every worker)
@@ -527,7 +527,5 @@ def markdown(results: dict[str, Any]) -> str:
 def write_results(out: str, results: dict[str, Any]) -> None:
     """``search.json`` (everything) and ``search.md`` (the table), written atomically."""
     for name, text in (("search.json", json.dumps(results, indent=2) + "\n"), ("search.md", markdown(results))):
-        tmp = os.path.join(out, f"{name}.tmp.{os.getpid()}")
-        with open(tmp, "w") as f:
+        with atomic_open(os.path.join(out, name)) as f:
             f.write(text)
-        os.replace(tmp, os.path.join(out, name))

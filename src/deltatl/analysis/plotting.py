@@ -19,6 +19,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 from PIL import Image
 
+from ..outputs import atomic_open
+
 #: PNG resolution: sharp enough on screen, small enough to commit.
 PNG_DPI = 110
 
@@ -99,9 +101,12 @@ def save_figure(fig: Figure, out_dir: str, stem: str) -> str:
     with Image.open(buffer) as image:
         # 256 adaptive colours: indistinguishable for plots and smooth heat maps, and several times
         # smaller than true colour (the report embeds every PNG).
-        image.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(
-            os.path.join(out_dir, f"{stem}.png"), optimize=True)
-    fig.savefig(os.path.join(out_dir, f"{stem}.svg"), metadata={"Date": None, "Creator": None})
+        quantized = image.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT,
+                                                  dither=Image.Dither.NONE)
+        with atomic_open(os.path.join(out_dir, f"{stem}.png"), "wb") as f:
+            quantized.save(f, format="PNG", optimize=True)
+    with atomic_open(os.path.join(out_dir, f"{stem}.svg"), "wb") as f:
+        fig.savefig(f, format="svg", metadata={"Date": None, "Creator": None})
     return stem
 
 
@@ -128,7 +133,7 @@ def write_csv(path: str, rows: Iterable[dict[str, Any]], columns: Sequence[str] 
         columns = []
         for row in rows:
             columns += [k for k in row if k not in columns]
-    with open(path, "w", newline="") as f:
+    with atomic_open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
         writer.writeheader()
         for row in rows:
@@ -148,7 +153,7 @@ def write_json(path: str, data: Any, indent: int | None = 1) -> str:
     """Write JSON (NaN and infinity become null, which every reader accepts); return the file name.
     ``indent=None`` writes one line (for files that are mostly long lists of numbers)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
+    with atomic_open(path) as f:
         json.dump(_finite(data), f, indent=indent, allow_nan=False, separators=None if indent else (",", ":"))
         f.write("\n")
     return os.path.basename(path)

@@ -19,6 +19,42 @@ from ..errors import DeltatlError
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
+# Where an image is transparent, it is shown on white (the page it was meant to be seen on); the
+# colours stored under fully transparent pixels are arbitrary and often black.
+TRANSPARENT_BACKGROUND = (255, 255, 255)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An 8-bit RGB copy of ``image`` whatever its mode, with its full range and its colours.
+
+    ``Image.convert("RGB")`` alone gets three kinds of images wrong, which this fixes:
+    - 16- and 32-bit integer greyscale (``I;16*``, ``I``: 16-bit PNG and TIFF): convert clips every
+      value above 255 to white; here they are scaled from 0..65535 to 0..255 (``I``, which Pillow
+      also uses for 8-bit data converted up, is read on the 0..255 scale when no value exceeds 255).
+    - floating-point greyscale (``F``): scaled from 0..1 when every value lies there (the usual
+      convention), else read on the 0..255 scale; clipped to it either way.
+    - transparency (``RGBA``, ``LA``, ``PA``, or a palette/greyscale/RGB image with a ``transparency``
+      entry): composited on :data:`TRANSPARENT_BACKGROUND` instead of dropping alpha.
+    Everything else (``1``, ``L``, ``P``, ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``...) is Pillow's convert.
+    """
+    mode = image.mode
+    if mode.startswith("I") or mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if mode == "F":
+            scale = 255.0 if values.size and 0.0 <= values.min() and values.max() <= 1.0 else 1.0
+        elif mode == "I" and values.size and values.max() <= 255:
+            scale = 1.0
+        else:
+            scale = 255.0 / 65535.0
+        grey = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*TRANSPARENT_BACKGROUND, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
 class ImageCollection:
     """Base: a list of labelled images; ``load(i)`` returns an RGB PIL image."""
 
@@ -47,8 +83,7 @@ class FileImages(ImageCollection):
         path = os.path.join(self.root, self.ids[index])
         try:
             with Image.open(path) as img:
-                # convert() decodes fully; also turns GIF/PNG/BMP-named-.jpg, grayscale, CMYK into RGB.
-                return img.convert("RGB")
+                return to_rgb(img)  # decodes fully, whatever the file's format and mode
         except (OSError, ValueError) as exc:
             raise DeltatlError(f"cannot read image {path}: {exc}") from None
 

@@ -12,6 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import DeltatlError
+from ..outputs import atomic_open
 
 
 def indices_by_class(targets: Sequence[int]) -> dict[int, list[int]]:
@@ -53,10 +54,8 @@ def validation_count(n_class: int, val_per_class: int | None, val_fraction: floa
 
 def write_list(path: str, ids: Sequence[str], targets: Sequence[int]) -> None:
     """Write ``<id> <label>`` lines atomically."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
+    with atomic_open(path) as f:
         f.writelines(f"{i} {t}\n" for i, t in zip(ids, targets))
-    os.replace(tmp, path)
 
 
 def read_list(path: str) -> tuple[list[str], list[int]]:

@@ -55,6 +55,7 @@ from ..data import TransformedImages
 from ..distributed import SINGLE, DistEnv, convert_sync_batchnorm
 from ..errors import DeltatlError
 from ..models import head_module
+from ..outputs import atomic_open
 from . import checkpoint as ckpt
 from .evaluate import evaluate
 from .objective import Objective
@@ -207,9 +208,8 @@ def _truncate_metrics(path: str, last_step: int) -> None:
         return
     with open(path) as f:
         rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    with open(f"{path}.tmp", "w") as f:
+    with atomic_open(path) as f:
         f.writelines(rows)
-    os.replace(f"{path}.tmp", path)
 
 
 def fit(objective: Objective, train_set: TransformedImages, val_set: Dataset | None, test_set: Dataset | None,
@@ -439,8 +439,6 @@ def fit(objective: Objective, train_set: TransformedImages, val_set: Dataset | N
                "seconds": round(seconds, 2)}
     save(done=True)
     if primary:
-        tmp = os.path.join(run_dir, f"{SUMMARY}.tmp")
-        with open(tmp, "w") as f:
+        with atomic_open(os.path.join(run_dir, SUMMARY)) as f:
             json.dump({k: _strict(v) for k, v in summary.items()}, f, indent=2, allow_nan=False)
-        os.replace(tmp, os.path.join(run_dir, SUMMARY))
     return summary
