@@ -600,3 +600,15 @@ def test_timm_weights_without_network_fail_at_once_with_one_line(train, image_fo
                           "cannot fetch pretrained weights for 'resnet18'", "not in the local cache", "--checkpoint")
     assert waits == []  # no retry
     assert huggingface_hub.constants.HF_HUB_OFFLINE is False  # offline only while creating the model
+
+
+def test_an_unknown_delta_layer_is_one_error_line_listing_the_valid_ones(train, image_folder, tmp_path):
+    result = train(image_folder(), "--method", "delta", "--delta-layers", "nosuchlayer", out=tmp_path / "run")
+    assert_one_error_line(result, "unknown layer name(s): 'nosuchlayer'", "'layer1'")
+    fixed = train(image_folder(name="data2"), "--method", "delta", "--delta-layers", "layer1", out=tmp_path / "run")
+    assert fixed.code == 0, fixed.err  # the folder of the failed start is reused
+
+
+def test_predict_given_a_run_folder_as_an_image_points_to_checkpoint(cli, train, image_folder, tmp_path):
+    assert train(image_folder(), out=tmp_path / "run").code == 0
+    assert_one_error_line(cli("predict", tmp_path / "run"), "cannot read image", f"--checkpoint {tmp_path / 'run'}")

@@ -21,7 +21,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from .errors import DeltatlError
+
 __all__ = ["FeatureHooks", "OFFICIAL_PRESETS", "auto_layer_preset", "layer_preset"]
+
+
+class UnknownLayerError(DeltatlError, ValueError):
+    """A layer name the model does not have (a user's ``--delta-layers``): one line on the command line."""
 
 
 def _unknown_layers_message(unknown: Sequence[str], valid: Sequence[str], limit: int = 40) -> str:
@@ -46,7 +52,7 @@ def _resolve_modules(model: nn.Module, layers: Sequence[str]) -> dict[str, nn.Mo
     unknown = [name for name in layers if name not in modules]
     if unknown:
         # The root module's name is '' and would only clutter the list.
-        raise ValueError(_unknown_layers_message(unknown, [n for n in modules if n]))
+        raise UnknownLayerError(_unknown_layers_message(unknown, [n for n in modules if n]))
     return {name: modules[name] for name in layers}
 
 

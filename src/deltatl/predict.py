@@ -90,7 +90,8 @@ def predict_files(paths: Sequence[str], *, checkpoint: str | None = None, top_k:
             with Image.open(path) as img:
                 x = transform(to_rgb(img)).unsqueeze(0).to(dev)
         except (OSError, ValueError) as exc:
-            raise DeltatlError(f"cannot read image {path}: {exc}") from None
+            hint = f" (a run? give it as --checkpoint {path})" if os.path.isfile(os.path.join(path, CHECKPOINT)) else ""
+            raise DeltatlError(f"cannot read image {path}: {exc}{hint}") from None
         probs = (crop_logits(model, x) if x.dim() == 5 else model(x)).softmax(dim=1)[0]
         top = probs.topk(min(top_k, len(names)))
         results.append((path, [(names[i], p) for p, i in zip(top.values.tolist(), top.indices.tolist())]))
