@@ -71,6 +71,15 @@ def test_a_rifle_variant_uses_the_alpha_chosen_for_its_base_method(tmp_path):
     assert trainer.alphas("delta", rifle=1) == {0.001}
 
 
+def test_a_single_alpha_is_used_without_selection_runs(tmp_path):
+    """Two compare processes may share a folder (evidence/fm30.sh): with one alpha given (found by
+    `deltatl search`), a +rifle variant must not train its base method's seed 0 to choose it."""
+    trainer = FakeTrainer(val=lambda c: 50.0)
+    rows = run_compare(tmp_path, trainer, ["l2-sp+rifle3"], grid=[0.001])
+    assert rows["l2-sp+rifle3"]["alpha"] == 0.001
+    assert {(c.method, c.rifle, c.alpha) for c in trainer.configs} == {("l2-sp", 3, 0.001)}
+
+
 def test_a_rifle_variant_whose_base_method_is_not_listed_still_gets_its_alpha_chosen_on_the_grid(tmp_path):
     # The selection depends only on alpha, so it does not matter whether it is made on delta's runs
     # or on delta+rifle1's own: 0.001 must win, not the default alpha (0.01).

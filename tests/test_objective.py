@@ -383,13 +383,16 @@ def test_l2sp_regularizer_state_holds_the_anchors_only_and_restores_them_into_an
 def test_delta_regularizer_state_holds_the_attention_weights_and_no_model_or_source_tensors():
     saved_from = make_objective("delta", seed=0)
     state = saved_from.regularizer_state()
-    assert sorted(state) == [f"attention_{i}" for i in range(len(saved_from.layers))]
+    assert sorted(state) == [f"delta.attention_{i}" for i in range(len(saved_from.layers))]
     assert not any(k.startswith(("model.", "source.")) for k in state)
     expected = peaked_weights(saved_from.model, saved_from.layers)
-    resumed = make_objective("delta", seed=1, channel_weights=uniform_weights(saved_from.model, saved_from.layers))
-    resumed.load_regularizer_state(state)
-    for name, weights in resumed.channel_weights().items():
-        assert torch.equal(weights, expected[name]), name
+    # checkpoints written before DELTA's term was a module of its own named the buffers attention_<i>
+    legacy = {k.removeprefix("delta."): v for k, v in state.items()}
+    for saved in (state, legacy):
+        resumed = make_objective("delta", seed=1, channel_weights=uniform_weights(saved_from.model, saved_from.layers))
+        resumed.load_regularizer_state(saved)
+        for name, weights in resumed.channel_weights().items():
+            assert torch.equal(weights, expected[name]), name
     assert make_objective("delta-noatt").regularizer_state() == {}
     assert make_objective("l2").regularizer_state() == {}
 

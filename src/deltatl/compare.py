@@ -18,7 +18,7 @@ from dataclasses import replace
 from typing import Any, Callable, Sequence
 
 from .config import TrainConfig, parse_grid_values
-from .engine.objective import get_method
+from .methods import get_method
 from .errors import DeltatlError
 from .outputs import atomic_open, check_output_folder
 
@@ -97,9 +97,11 @@ def compare(base: TrainConfig, specs: Sequence[str], seeds: Sequence[int], out: 
     selection: dict[str, dict[str, float | None]] = {}
     for spec in specs:
         method, rifle = parse_spec(spec)
-        uses_alpha = get_method(method).starting_point or get_method(method).feature_maps
         grid = grids.get(method, grids.get("*", []))
-        if not (uses_alpha and grid) or method in chosen:  # a +rifle variant's grid runs on its base method
+        if not (get_method(method).uses("alpha") and grid) or method in chosen:  # a +rifle variant's grid runs on its base method
+            continue
+        if len(grid) == 1:  # nothing to choose between (e.g. an alpha found by `deltatl search`): no selection run
+            chosen[method] = grid[0]
             continue
         scores = {}
         for alpha in grid:

@@ -14,7 +14,8 @@ from typing import Any
 
 import yaml
 
-from .engine.objective import METHODS, SOURCE_BN_MODES, get_method
+from .engine.objective import SOURCE_BN_MODES
+from .methods import METHODS, get_method
 from .errors import DeltatlError
 from .models import EMBEDDED_MODEL
 from .outputs import atomic_open
@@ -166,8 +167,7 @@ class TrainConfig:
 
     def resolved_alpha(self) -> float | None:
         """``--alpha``, or the default of the method and reduction; None for methods without alpha."""
-        method = get_method(self.method)
-        if not (method.starting_point or method.feature_maps):
+        if not get_method(self.method).uses("alpha"):
             return None
         if self.alpha is not None:
             return self.alpha
@@ -179,8 +179,10 @@ class TrainConfig:
         skip = {"device", "workers", "out", "attention_cache", "channels_last", "compile"}
         method = METHODS.get(self.method)
         if method is not None:
-            if not (method.starting_point or method.feature_maps):
-                skip |= {"alpha", "beta"}
+            if not method.uses("alpha"):
+                skip |= {"alpha"}
+            if not method.uses("beta"):
+                skip |= {"beta"}
             if not method.feature_maps:
                 skip |= {f.name for f in fields(self) if f.name.startswith("delta_")}
             if not method.attention:

@@ -24,7 +24,8 @@ from .engine.fit import CHECKPOINT, SUMMARY, epoch_steps, fit
 from .attention import FORMAT as ATTENTION_FORMAT, normalize_scores, read_scores, write_scores
 from .engine.channel_attention import (cache_key, cached_channel_attention, estimate_channel_attention,
                                        layer_channels)
-from .engine.objective import Objective, get_method
+from .engine.objective import Objective
+from .methods import get_method
 from .engine.rifle import Rifle, RifleWarning, rifle_steps, rifle_warnings
 from .engine.schedule import CYCLIC, step_decay_at
 from .engine.tricks import DisturbLabel, check_stochastic_depth, install_head_regularization, suspended

@@ -58,7 +58,7 @@ from optuna.trial import FrozenTrial, TrialState
 from .config import TrainConfig, parse_grid_values
 from .data.folds import stratified_folds, write_folds
 from .data.images import ImageCollection
-from .engine.objective import get_method
+from .methods import get_method
 from .errors import DeltatlError
 from .outputs import atomic_open, check_output_folder
 
@@ -135,7 +135,7 @@ def check_search(base: TrainConfig, grid: Grid, folds: int, out: str) -> list[di
     points = grid.points()
     if not points:
         raise DeltatlError("the grid is empty: give values to --alpha-grid (and optionally --beta-grid, --lr-grid)")
-    if (grid.alpha or grid.beta) and not method.head_penalty:
+    if (grid.alpha and not method.uses("alpha")) or (grid.beta and not method.uses("beta")):
         raise DeltatlError(f"method '{base.method}' has no alpha or beta to search "
                            f"(l2-sp, delta-noatt and delta have; --lr-grid works with any method)")
     if folds < 2:

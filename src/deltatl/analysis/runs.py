@@ -23,7 +23,7 @@ from torchvision import transforms as T
 from ..config import OFFICIAL_ALPHA, TrainConfig, make_config, read_run_config
 from ..data.transforms import eval_transform, resize_transform
 from ..engine.fit import CHECKPOINT, METRICS, SUMMARY
-from ..engine.objective import get_method
+from ..methods import get_method
 from ..errors import DeltatlError
 from ..features import layer_preset
 from ..models import Preprocessing, create_model, preprocessing
@@ -77,7 +77,7 @@ class Run:
             method = get_method(self.method)
         except DeltatlError:
             return None
-        if not (method.starting_point or method.feature_maps):
+        if not method.uses("alpha"):
             return None
         # config.yaml holds the resolved alpha (runs written before alpha had per-method defaults: 0.01)
         alpha = self.config.get("alpha")

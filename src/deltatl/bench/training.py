@@ -21,7 +21,8 @@ from ..attention import normalize_scores
 from ..config import TrainConfig
 from ..engine.channel_attention import layer_channels
 from ..engine.fit import train_step
-from ..engine.objective import Objective, get_method
+from ..engine.objective import Objective
+from ..methods import get_method
 from ..features import layer_preset
 from ..models import EMBEDDED_MODEL, create_model
 from .common import (Bench, calibrated, interleaved, log, median, per_call, resident_tensors, round_ratios,

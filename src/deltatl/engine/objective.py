@@ -1,27 +1,17 @@
-"""The training objective of each method: ``(images, labels) -> {"loss", "logits", "ce", "reg/..."}``.
+"""The training objective: ``(images, labels) -> {"loss", "logits", "ce", "reg/..."}``.
 
-==============  ===============================================================  ============
-method          loss                                                             weight decay
-==============  ===============================================================  ============
-``l2``          CE                                                               1e-4
-``l2-fe``       CE; backbone (and its BatchNorm statistics) frozen                1e-4
-``l2-sp``       CE + alpha * sum_shared 0.5||w - w*||^2 + beta * 0.5||head||^2   0
-``delta-noatt`` CE + alpha * Omega_fm (uniform channels) + beta * 0.5||head||^2  0
-``delta``       CE + alpha * Omega_att (channel attention) + beta * 0.5||head||^2  0
-==============  ===============================================================  ============
+A method (:mod:`deltatl.methods`) is a list of weighted regularizer terms; the objective builds each
+term from the registry (:mod:`deltatl.regularizers`), gathers once per step what they need (the frozen
+source network's feature maps at the union of the layers they read) and sums cross-entropy and terms.
+Every term is returned separately (already multiplied by its weight) so it can be logged.
 
-Omega is :func:`deltatl.regularizers.delta_distance` with the objective's ``reduction`` (official
-``"sum"``; ``"relative"`` divides each layer by the source's squared activation) and the source network's
-BatchNorm on its running statistics (official) or the batch's (``source_bn="batch"``).
-
-The objective owns the target network and, for the methods that need them, the frozen source
-network with its feature hooks and the regularizer state; the training loop only calls it. Every term
-is returned separately (already multiplied by its weight) so it can be logged.
+The objective owns the target network and, when a term reads feature maps, the frozen source network:
+its BatchNorm on its running statistics (official) or the batch's (``source_bn="batch"``), its forward
+stopped after the last tapped layer. The training loop only calls it.
 """
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -30,47 +20,15 @@ from torch import Tensor, nn
 
 from ..errors import DeltatlError
 from ..features import FeatureHooks
+from ..methods import METHODS, Method, Term, get_method
 from ..models import split_parameters
-from ..regularizers import L2SP, delta_distance, l2_penalty, source_energy
+from ..regularizers import FeatureMapDistance, Regularizer, Setup, StepInputs, build_regularizer
 
-
-@dataclass(frozen=True)
-class Method:
-    """How a method trains."""
-
-    name: str
-    weight_decay: float
-    freeze_backbone: bool = False
-    starting_point: bool = False  # L2-SP
-    feature_maps: bool = False  # DELTA: needs the source network's features
-    attention: bool = False  # DELTA: supervised channel attention
-    description: str = ""
-
-    @property
-    def head_penalty(self) -> bool:
-        return self.starting_point or self.feature_maps
-
-
-METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("l2", 1e-4, description="cross-entropy, weight decay 1e-4 on every parameter"),
-    Method("l2-fe", 1e-4, freeze_backbone=True,
-           description="frozen feature extractor (BatchNorm statistics too), only the new head trains"),
-    Method("l2-sp", 0.0, starting_point=True,
-           description="decay of the backbone towards its pretrained weights, L2 on the head"),
-    Method("delta-noatt", 0.0, feature_maps=True,
-           description="feature maps kept close to the source's, all channels alike, L2 on the head"),
-    Method("delta", 0.0, feature_maps=True, attention=True,
-           description="feature maps kept close to the source's, weighted by supervised channel attention"),
-)}
-
-
-def get_method(name: str) -> Method:
-    if name not in METHODS:
-        raise DeltatlError(f"unknown method '{name}' (choose from {', '.join(METHODS)})")
-    return METHODS[name]
-
+__all__ = ["METHODS", "Method", "Objective", "SOURCE_BN_MODES", "Term", "get_method"]
 
 SOURCE_BN_MODES = ("running", "batch")
+# Checkpoints written before the terms were modules of their own kept DELTA's attention at the top.
+_LEGACY_STATE_PREFIXES = {"attention_": "delta.attention_"}
 
 
 class _SourceDone(Exception):
@@ -118,7 +76,6 @@ class Objective(nn.Module):
                  distance_scale: float = 1.0, aux_weight: float = 0.0,
                  energy_sum: Callable[[Tensor], Tensor] | None = None):
         super().__init__()
-        self.energy_sum = energy_sum
         if source_bn not in SOURCE_BN_MODES:
             raise DeltatlError(f"source BatchNorm mode must be one of {', '.join(SOURCE_BN_MODES)}, got {source_bn!r}")
         self.source_bn = source_bn
@@ -129,17 +86,20 @@ class Objective(nn.Module):
         self.freeze_bn = freeze_bn and self.method.freeze_backbone
         self.distance_scale = distance_scale
         shared, private = split_parameters(model)
-        self._head_params = tuple(p for _, p in private)
         if self.method.freeze_backbone:
             for _, param in shared:
                 param.requires_grad_(False)
-        if self.method.starting_point:
-            self.l2sp = L2SP(shared)
-        self.layers: tuple[str, ...] = ()
-        if self.method.feature_maps:
-            if not layers:
-                raise DeltatlError(f"method {method} needs the layers whose feature maps it regularizes")
-            self.layers = tuple(layers)
+        options = {**self.method.options, "method": method, "layers": layers, "channel_weights": channel_weights,
+                   "reduction": reduction, "distance_scale": distance_scale, "energy_sum": energy_sum}
+        setup = Setup(model, tuple(shared), tuple(private), options)
+        # Each term is a submodule named by its key (its state, e.g. l2sp.anchor__*, is checkpointed).
+        self._terms: tuple[tuple[Term, Regularizer], ...] = tuple(
+            (term, build_regularizer(term.regularizer, setup)) for term in self.method.terms)
+        for term, module in self._terms:
+            self.add_module(module.key, module)
+        self.layers: tuple[str, ...] = tuple(dict.fromkeys(n for _, m in self._terms for n in m.source_layers))
+        self.source: nn.Module | None = None
+        if self.layers:
             # The source is a frozen copy of the pretrained network: eval mode (BatchNorm running
             # statistics), no gradients, never wrapped by DDP. Copied before the target's hooks exist,
             # which a deep copy would otherwise carry over.
@@ -149,22 +109,11 @@ class Objective(nn.Module):
                 # leaves its running statistics as they are; in eval mode it still uses them.
                 module.track_running_stats = False
             self._set_source_statistics(self.source_bn)
-            try:
-                self.target_hooks = FeatureHooks(model, self.layers)
-            except ValueError as exc:
-                raise DeltatlError(str(exc)) from None
+            self.target_hooks = FeatureHooks(model, self.layers)
             self.source_hooks = FeatureHooks(self.source, self.layers)
             self._source_calls = 0
             for name in self.layers:
                 self.source.get_submodule(name).register_forward_hook(self._stop_source_early)
-        if self.method.attention:
-            if channel_weights is None:
-                raise DeltatlError("method delta needs channel attention weights")
-            missing = set(self.layers) - set(channel_weights)
-            if missing:
-                raise DeltatlError(f"no channel attention for layer(s) {', '.join(sorted(missing))}")
-            for i, name in enumerate(self.layers):
-                self.register_buffer(f"attention_{i}", channel_weights[name].detach().float().clone())
 
     def _stop_source_early(self, _module: nn.Module, _args: object, _output: object) -> None:
         # Runs after the FeatureHooks hook of the same module (registered later), so the output is kept.
@@ -182,14 +131,17 @@ class Objective(nn.Module):
         for module in self._source_batchnorms():
             module.train(mode == "batch")
 
+    def _delta_term(self) -> FeatureMapDistance | None:
+        return next((m for _, m in self._terms if isinstance(m, FeatureMapDistance)), None)
+
     def channel_weights(self) -> dict[str, Tensor] | None:
-        if not self.method.attention:
-            return None
-        return {name: getattr(self, f"attention_{i}") for i, name in enumerate(self.layers)}
+        """DELTA's channel attention (layer -> weights), None without it."""
+        term = self._delta_term()
+        return None if term is None else term.channel_weights()
 
     def train(self, mode: bool = True) -> "Objective":
         super().train(mode)
-        if self.method.feature_maps:
+        if self.source is not None:
             self._set_source_statistics(self.source_bn)
         if mode and self.freeze_bn:
             # A frozen feature extractor keeps its BatchNorm statistics frozen as well; dropout stays on.
@@ -212,6 +164,7 @@ class Objective(nn.Module):
 
     def load_regularizer_state(self, state: Mapping[str, Tensor]) -> None:
         own = self.state_dict()
+        state = {_renamed_legacy_key(k): v for k, v in state.items()}
         if set(state) != set(self.regularizer_state()):
             raise DeltatlError("checkpoint was written by another method (regularizer state differs)")
         self.load_state_dict({**own, **state})
@@ -235,7 +188,8 @@ class Objective(nn.Module):
         the term at step 0 with ``source_bn="running"`` (0 with ``"batch"`` at step 0, where it shows
         what the official setting would add). None for methods without DELTA's term.
         """
-        if not self.method.feature_maps:
+        term = self._delta_term()
+        if term is None:
             return None
         try:
             self._set_source_statistics("batch")
@@ -244,23 +198,14 @@ class Objective(nn.Module):
             running = self.source_features(images)
         finally:
             self._set_source_statistics(self.source_bn)
-        distance = delta_distance(batch, running, self.channel_weights(), self.reduction, self._energies(running))
-        return self.alpha * self.distance_scale * distance
-
-    def _energies(self, source: Mapping[str, Tensor]) -> dict[str, Tensor] | None:
-        """The relative term's denominators, summed over the processes under DDP (one all-reduce)."""
-        if self.reduction != "relative" or self.energy_sum is None:
-            return None
-        names = list(source)
-        total = self.energy_sum(torch.stack([source_energy(source[n]) for n in names]))
-        return dict(zip(names, total.unbind()))
+        return term.weighted_distance(batch, running, self.alpha)
 
     def forward(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
         # The source runs first, so its forward's temporaries are freed before the target's autograd
         # graph exists: DELTA's peak memory is then l2's plus the source's weights and tapped maps
-        # (`deltatl bench --only memory`, EfficientNet-Lite0: 1.23x -> 1.04x l2). Same numbers: the
-        # source is in eval mode and draws no random numbers.
-        source = self.source_features(images) if self.method.feature_maps else None
+        # (`deltatl bench --only memory`). Same numbers: the source is in eval mode and draws no random
+        # numbers.
+        source = self.source_features(images) if self.source is not None else {}
         logits = self.model(images)
         aux_logits = None
         if isinstance(logits, tuple):  # (logits, aux logits): Inception-V3's kept aux head, training mode
@@ -269,14 +214,18 @@ class Objective(nn.Module):
         terms: dict[str, Tensor] = {}
         if aux_logits is not None and self.aux_weight:
             terms["aux/ce"] = self.aux_weight * F.cross_entropy(aux_logits, labels)
-        if self.method.starting_point:
-            terms["reg/l2sp"] = self.alpha * self.l2sp()
-        if self.method.feature_maps:
-            target = self.target_hooks.pop()
-            distance = delta_distance(target, source, self.channel_weights(), self.reduction, self._energies(source))
-            terms["reg/delta"] = self.alpha * self.distance_scale * distance
-        if self.method.head_penalty and self.beta:
-            terms["reg/head"] = self.beta * l2_penalty(self._head_params)
+        inputs = StepInputs(images, labels, logits, self.target_hooks.pop() if self.source is not None else {}, source)
+        for term, module in self._terms:
+            weight = self.alpha if term.weight == "alpha" else self.beta
+            if weight or term.weight == "alpha":  # a head term at beta 0 is skipped (not logged)
+                terms[f"reg/{module.key}"] = module(inputs, weight)
         loss = ce + sum(terms.values()) if terms else ce
         return {"loss": loss, "logits": logits, "ce": ce.detach(),
                 **{k: v.detach() for k, v in terms.items()}}
+
+
+def _renamed_legacy_key(key: str) -> str:
+    for old, new in _LEGACY_STATE_PREFIXES.items():
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key

@@ -1,4 +1,5 @@
-r"""Regularization terms of DELTA, L2-SP and L2, as unweighted scalars (the caller applies alpha, beta).
+r"""The regularization terms of DELTA, L2-SP and L2 as pure functions: unweighted float32 scalars
+(the caller applies alpha, beta).
 
 All terms are computed in float32 whatever the dtype of their inputs, and use squared norms (the
 gradient of :math:`\|w - w^*\|` is undefined at the starting point, where L2-SP starts).
@@ -8,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-__all__ = ["L2SP", "delta_distance", "l2_penalty", "l2sp_penalty", "source_energy"]
+__all__ = ["DELTA_REDUCTIONS", "delta_distance", "l2_penalty", "l2sp_penalty", "source_energy"]
 
 DELTA_REDUCTIONS = ("sum", "mean", "relative")
 
@@ -180,53 +181,3 @@ def l2_penalty(params: Iterable[Tensor]) -> Tensor:
         A float32 scalar; 0 if ``params`` is empty.
     """
     return _sum(0.5 * p.float().square().sum() for p in params)
-
-
-class L2SP(nn.Module):
-    r"""L2-SP penalty with the starting point stored in the module.
-
-    .. math:: \Omega = \sum_{i \in \text{shared}} \frac{1}{2} \|w_i - w_i^*\|_2^2
-
-    Built from the shared (backbone) parameters right after the pretrained weights are loaded: the new
-    head has no starting point and belongs in :func:`l2_penalty`. The module keeps the live
-    ``Parameter`` objects (as an optimizer does, so not registered as its own parameters) and a copy of
-    each as a buffer named after the parameter (``.`` replaced by ``__``, e.g.
-    ``anchor__layer1__0__conv1__weight``).
-
-    The buffers are persistent, i.e. part of ``state_dict()``: a resumed run restores the exact
-    starting point from its checkpoint instead of rebuilding it from pretrained weights that might
-    have changed (another download, another file, or a model rebuilt without them). This costs one
-    extra copy of the backbone per checkpoint. Move the module with the model (``.to(device)``).
-
-    The penalty does not depend on the batch, so it needs no scaling under DDP (every process
-    computes the same value and DDP averages identical gradients).
-
-    Args:
-        named_parameters: ``(name, parameter)`` pairs of the shared parameters, e.g. the backbone part
-            of ``model.named_parameters()``. BatchNorm weight and bias included (running statistics
-            are buffers, not parameters).
-
-    Raises:
-        ValueError: no parameters, or repeated names.
-    """
-
-    def __init__(self, named_parameters: Iterable[tuple[str, nn.Parameter]]) -> None:
-        super().__init__()
-        pairs = list(named_parameters)
-        if not pairs:
-            raise ValueError("L2SP needs at least one parameter")
-        self.names: tuple[str, ...] = tuple(name for name, _ in pairs)
-        self._params: tuple[nn.Parameter, ...] = tuple(param for _, param in pairs)
-        self._buffer_names: tuple[str, ...] = tuple("anchor__" + name.replace(".", "__") for name in self.names)
-        if len(set(self._buffer_names)) != len(pairs):
-            raise ValueError("repeated (or, after replacing '.' by '__', colliding) parameter names")
-        for buffer_name, param in zip(self._buffer_names, self._params):
-            self.register_buffer(buffer_name, param.detach().clone(), persistent=True)
-
-    def anchors(self) -> tuple[Tensor, ...]:
-        """The starting points, in the order of :attr:`names`."""
-        return tuple(getattr(self, name) for name in self._buffer_names)
-
-    def forward(self) -> Tensor:
-        """Return the unweighted penalty (a float32 scalar)."""
-        return l2sp_penalty(self._params, self.anchors())

@@ -1,0 +1,93 @@
+"""The methods: a name, a weight-decay rule and a list of weighted regularizer terms.
+
+==============  ===============================================================  ============
+method          loss                                                             weight decay
+==============  ===============================================================  ============
+``l2``          CE                                                               1e-4
+``l2-fe``       CE; backbone (and its BatchNorm statistics) frozen                1e-4
+``l2-sp``       CE + alpha * sum_shared 0.5||w - w*||^2 + beta * 0.5||head||^2   0
+``delta-noatt`` CE + alpha * Omega_fm (uniform channels) + beta * 0.5||head||^2  0
+``delta``       CE + alpha * Omega_att (channel attention) + beta * 0.5||head||^2  0
+==============  ===============================================================  ============
+
+Each term names a registered regularizer (:data:`deltatl.regularizers.REGULARIZERS`) and which of the
+run's weights multiplies it (``alpha``, ``beta``); a method's options reach the regularizers it uses
+(``attention``). Whether a method uses alpha, beta, the source network or channel attention is read
+from its terms, in one place.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from .errors import DeltatlError
+
+
+@dataclass(frozen=True)
+class Term:
+    """``weight * regularizer`` in a method's loss."""
+
+    regularizer: str  # a key of deltatl.regularizers.REGULARIZERS
+    weight: str  # "alpha" or "beta"
+    options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+
+@dataclass(frozen=True)
+class Method:
+    """How a method trains."""
+
+    name: str
+    weight_decay: float
+    terms: tuple[Term, ...] = ()
+    freeze_backbone: bool = False
+    description: str = ""
+
+    def uses(self, weight: str) -> bool:
+        """Whether ``weight`` (``"alpha"``, ``"beta"``) multiplies one of the method's terms."""
+        return any(term.weight == weight for term in self.terms)
+
+    def has(self, regularizer: str) -> bool:
+        return any(term.regularizer == regularizer for term in self.terms)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The options of all its terms (given to every regularizer it builds)."""
+        return {k: v for term in self.terms for k, v in term.options.items()}
+
+    # The questions the rest of deltatl asks of a method.
+    @property
+    def starting_point(self) -> bool:  # L2-SP's anchor
+        return self.has("l2sp")
+
+    @property
+    def feature_maps(self) -> bool:  # DELTA: the source network's feature maps
+        return self.has("delta")
+
+    @property
+    def attention(self) -> bool:  # DELTA: supervised channel attention
+        return bool(self.options.get("attention"))
+
+    @property
+    def head_penalty(self) -> bool:
+        return self.has("head")
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("l2", 1e-4, description="cross-entropy, weight decay 1e-4 on every parameter"),
+    Method("l2-fe", 1e-4, freeze_backbone=True,
+           description="frozen feature extractor (BatchNorm statistics too), only the new head trains"),
+    Method("l2-sp", 0.0, (Term("l2sp", "alpha"), Term("head", "beta")),
+           description="decay of the backbone towards its pretrained weights, L2 on the head"),
+    Method("delta-noatt", 0.0, (Term("delta", "alpha"), Term("head", "beta")),
+           description="feature maps kept close to the source's, all channels alike, L2 on the head"),
+    Method("delta", 0.0, (Term("delta", "alpha", MappingProxyType({"attention": True})), Term("head", "beta")),
+           description="feature maps kept close to the source's, weighted by supervised channel attention"),
+)}
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise DeltatlError(f"unknown method '{name}' (choose from {', '.join(METHODS)})")
+    return METHODS[name]

@@ -1,0 +1,93 @@
+"""What a regularizer is, and the registry of them by name.
+
+A regularizer is an ``nn.Module`` registered under a ``key`` (logged as ``reg/<key>``). It is built
+once from a :class:`Setup` (the target network, its backbone and head parameters, the method's
+options) and says what it needs each step through ``source_layers``: the layers whose feature maps,
+target's and frozen source's, it reads. The objective gathers what all its terms need once per step
+(one source forward, one set of hooks) into :class:`StepInputs` and calls each term with its weight.
+
+Adding a regularizer is one file with one ``@register`` class, plus its name in a method's terms
+(:mod:`deltatl.methods`).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+from torch import Tensor, nn
+
+from ..errors import DeltatlError
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What a regularizer may use when it is built.
+
+    Attributes:
+        model: the target network before any training (pretrained backbone, new head).
+        shared: its ``(name, parameter)`` pairs of the backbone (transferred from the source).
+        head: those of the new classifier.
+        options: the method's and the run's settings (``layers``, ``channel_weights``, ``reduction``,
+            ``distance_scale``, ``energy_sum``, ``attention``...); a regularizer reads those it knows.
+    """
+
+    model: nn.Module
+    shared: tuple[tuple[str, nn.Parameter], ...]
+    head: tuple[tuple[str, nn.Parameter], ...]
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """What the objective gathered for this step.
+
+    Attributes:
+        images, labels: the batch.
+        logits: the target network's output (float32).
+        target_features / source_features: layer -> feature map of the target (with gradient) and of
+            the frozen source (constant), for the union of the terms' ``source_layers``; empty when
+            no term needs them.
+    """
+
+    images: Tensor
+    labels: Tensor
+    logits: Tensor
+    target_features: Mapping[str, Tensor] = field(default_factory=dict)
+    source_features: Mapping[str, Tensor] = field(default_factory=dict)
+
+
+class Regularizer(nn.Module):
+    """A term of the training loss; subclasses set ``key`` and implement ``build`` and ``forward``."""
+
+    key: ClassVar[str]
+    #: layers whose target and source feature maps the term reads each step (none: no source network)
+    source_layers: tuple[str, ...] = ()
+
+    @classmethod
+    def build(cls, setup: Setup) -> "Regularizer":
+        raise NotImplementedError
+
+    def forward(self, inputs: StepInputs, weight: float) -> Tensor:
+        """The weighted term, a float32 scalar (the term applies its weight itself so that it can fold
+        in scales of its own in the order that fixes its floating-point result)."""
+        raise NotImplementedError
+
+
+REGULARIZERS: dict[str, type[Regularizer]] = {}
+R = TypeVar("R", bound=type[Regularizer])
+
+
+def register(cls: R) -> R:
+    """Class decorator: make ``cls`` available to methods under ``cls.key``."""
+    if cls.key in REGULARIZERS and REGULARIZERS[cls.key] is not cls:
+        raise ValueError(f"a regularizer named {cls.key!r} is already registered")
+    REGULARIZERS[cls.key] = cls
+    return cls
+
+
+def build_regularizer(key: str, setup: Setup) -> Regularizer:
+    if key not in REGULARIZERS:
+        raise DeltatlError(f"unknown regularizer '{key}' (registered: {', '.join(sorted(REGULARIZERS))})")
+    return REGULARIZERS[key].build(setup)
+
