@@ -62,15 +62,15 @@ def _worker(spec_path: str) -> None:
     run_module.write_scores = counting(run_module.write_scores, "writes")
     run_module.estimate_channel_attention = counting(run_module.estimate_channel_attention,
                                                      "attention_estimates")
-    after_step = Rifle.after_step
+    reinitialise = Rifle.reinitialise
 
-    def recording_after_step(self, step, optimizer):
-        fired = after_step(self, step, optimizer)
+    def recording_reinitialise(self, step, optimizer):
+        fired = reinitialise(self, step, optimizer)
         if fired:
             seen["rifle_heads"].append([self.head.weight.flatten().tolist(), self.head.bias.tolist()])
         return fired
 
-    Rifle.after_step = recording_after_step
+    Rifle.reinitialise = recording_reinitialise
     forward = Objective.forward
 
     for job in spec["jobs"]:

@@ -98,7 +98,7 @@ def test_after_step_fires_exactly_at_the_given_steps():
     _, head, optimizer = head_and_optimizer()
     rifle = Rifle(head, rifle_steps(60, 2, steps_per_epoch=6))
     assert rifle.steps == [18, 36]  # 10 epochs of 6 steps: periods of 3 epochs, the last head trains 4
-    fired = [step for step in range(1, 61) if rifle.after_step(step, optimizer)]
+    fired = [step for step in range(1, 61) if rifle.reinitialise(step, optimizer)]
     assert fired == [18, 36]
 
 
@@ -106,7 +106,7 @@ def test_reinitialisation_is_in_place_so_the_optimizer_still_holds_the_same_para
     _, head, optimizer = head_and_optimizer()
     weight, bias = head.weight, head.bias
     pointers = weight.data_ptr(), bias.data_ptr()
-    assert Rifle(head, [5]).after_step(5, optimizer)
+    assert Rifle(head, [5]).reinitialise(5, optimizer)
     assert head.weight is weight and head.bias is bias
     assert (weight.data_ptr(), bias.data_ptr()) == pointers
     assert optimizer.param_groups[-1]["params"][0] is weight and optimizer.param_groups[-1]["params"][1] is bias
@@ -116,7 +116,7 @@ def test_reinitialisation_is_in_place_so_the_optimizer_still_holds_the_same_para
 def test_reinitialisation_draws_weight_and_bias_from_the_default_linear_init():
     fan_in, classes = 256, 64
     _, head, optimizer = head_and_optimizer(fan_in, classes)
-    Rifle(head, [1]).after_step(1, optimizer)
+    Rifle(head, [1]).reinitialise(1, optimizer)
     bound = 1 / math.sqrt(fan_in)
     for tensor in (head.weight, head.bias):
         assert tensor.abs().max() <= bound
@@ -134,7 +134,7 @@ def test_the_same_seed_and_event_give_the_same_head_and_another_event_or_seed_an
         _, head, optimizer = head_and_optimizer()
         torch.manual_seed(1234 + event_step)  # the global RNG plays no part
         rifle = Rifle(head, [10, 20], seed=seed)
-        assert rifle.after_step(event_step, optimizer)
+        assert rifle.reinitialise(event_step, optimizer)
         return torch.cat([head.weight.detach().flatten(), head.bias.detach()])
 
     assert torch.equal(head_after(0, 10), head_after(0, 10))
@@ -145,7 +145,7 @@ def test_the_same_seed_and_event_give_the_same_head_and_another_event_or_seed_an
 def test_the_momentum_of_the_head_is_kept_by_default():
     backbone, head, optimizer = head_and_optimizer()
     buffers = {p: optimizer.state[p]["momentum_buffer"].clone() for p in [*backbone.parameters(), *head.parameters()]}
-    Rifle(head, [3]).after_step(3, optimizer)
+    Rifle(head, [3]).reinitialise(3, optimizer)
     for param, buffer in buffers.items():
         assert torch.equal(optimizer.state[param]["momentum_buffer"], buffer)
 
@@ -153,7 +153,7 @@ def test_the_momentum_of_the_head_is_kept_by_default():
 def test_reset_momentum_clears_the_heads_optimizer_state_only():
     backbone, head, optimizer = head_and_optimizer()
     kept = {p: optimizer.state[p]["momentum_buffer"].clone() for p in backbone.parameters()}
-    Rifle(head, [3], reset_momentum=True).after_step(3, optimizer)
+    Rifle(head, [3], reset_momentum=True).reinitialise(3, optimizer)
     for param in head.parameters():
         assert "momentum_buffer" not in optimizer.state.get(param, {})
     for param, buffer in kept.items():

@@ -41,7 +41,9 @@ import os
 import signal
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import numpy as np
@@ -58,6 +60,7 @@ from ..models import head_module
 from ..outputs import atomic_open
 from . import checkpoint as ckpt
 from .evaluate import evaluate
+from .hooks import StepContext, StepHook
 from .objective import Objective
 from .rifle import Rifle
 from .tricks import DisturbLabel
@@ -212,6 +215,258 @@ def _truncate_metrics(path: str, last_step: int) -> None:
         f.writelines(rows)
 
 
+@dataclass
+class _Progress:
+    """What the loop has done; everything here is in the checkpoint, so a resumed run continues exactly."""
+
+    step: int = 0
+    elapsed: float = 0.0  # seconds spent in earlier sessions
+    gap: Tensor | None = None  # DELTA: the part of its term due to BatchNorm statistics, on an epoch's first batch
+    val: dict[str, float] = field(default_factory=dict)  # the last validation
+
+
+class _Loop:
+    """One run of :func:`fit`: the training state and the steps of the loop, each a short method."""
+
+    def __init__(self, objective: Objective, train_set: TransformedImages, *, run_dir: str, total_steps: int,
+                 batch_size: int, lr: float, momentum: float, weight_decay: float, schedule: str,
+                 decay_fraction: float, device: torch.device, seed: int, num_workers: int, log_every: int,
+                 hooks: Sequence[StepHook], progress: bool, run_info: dict[str, Any] | None, dist: DistEnv,
+                 amp: str, channels_last: bool, sync_every: int | None, lr_cycles: int, lr_min_factor: float):
+        self.objective, self.train_set, self.run_dir, self.total_steps = objective, train_set, run_dir, total_steps
+        self.batch_size, self.device, self.seed, self.num_workers = batch_size, device, seed, num_workers
+        self.log_every, self.hooks, self.progress, self.run_info, self.dist = log_every, hooks, progress, run_info, dist
+        self.primary, self.world = dist.is_primary, dist.world_size
+        self.ckpt_path, self.metrics_path = os.path.join(run_dir, CHECKPOINT), os.path.join(run_dir, METRICS)
+        self.n_train = len(train_set)
+        if self.n_train == 0:
+            raise DeltatlError("the training split is empty")
+        if dist.enabled and self.n_train < batch_size * self.world:
+            raise DeltatlError(f"the training split has {self.n_train} images, fewer than one global batch of "
+                               f"{self.world} processes x {batch_size}: lower --batch-size")
+        if amp not in AMP_DTYPES:
+            raise DeltatlError(f"unknown --amp '{amp}' (choose from {', '.join(AMP_DTYPES)})")
+        self.amp_dtype, self.channels_last = AMP_DTYPES[amp], channels_last
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.drop_last = self.n_train >= batch_size
+        self.steps_per_epoch = epoch_steps(self.n_train, batch_size * self.world)
+        self.epochs = math.ceil(total_steps / self.steps_per_epoch)
+        self.sync_every = sync_every or (log_every if device.type == "cuda" else 1)
+        if self.primary:
+            os.makedirs(run_dir, exist_ok=True)
+
+        ckpt.seed_everything(seed + RANK_SEED_STRIDE * dist.rank)
+        objective.to(device)
+        # Target, source, L2-SP starting point and attention: rank 0's on every process.
+        dist.broadcast_module_(objective)
+        if channels_last:
+            objective.to(memory_format=torch.channels_last)
+        # Groups named "backbone" and "head" (RIFLE's hook addresses the head's by name).
+        self.optimizer = torch.optim.SGD(objective.param_groups(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+        self.scheduler = create_schedule(self.optimizer, schedule, total_steps, self.steps_per_epoch, decay_fraction,
+                                         cycles=lr_cycles, min_factor=lr_min_factor)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+        self.sums: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64, device=device))
+        self.state = _Progress()
+        self.started = time.perf_counter()
+
+    # --- checkpoints ---------------------------------------------------------------------------------
+
+    def restore(self, resume: bool) -> None:
+        """Continue from the checkpoint (``resume``), or start afresh (an old metrics file removed)."""
+        if not self.dist.broadcast_object(resume and os.path.isfile(self.ckpt_path)):
+            if self.primary and os.path.isfile(self.metrics_path):
+                os.remove(self.metrics_path)
+            return
+        state = ckpt.load(self.ckpt_path)
+        if state.get("world_size", 1) != self.world:
+            raise DeltatlError(f"{self.ckpt_path} was written by {state.get('world_size', 1)} process(es); resume "
+                               f"it with as many (torchrun --nproc_per_node), not {self.world}")
+        self.objective.model.load_state_dict(state["model"])
+        self.objective.load_regularizer_state(state["regularizer"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.state = _Progress(state["step"], state["seconds"], state.get("bn_gap"))
+        for k, v in state["epoch_sums"].items():
+            self.sums[k] = v.to(self.device)
+        ckpt.set_rng_state(state.get("rng_per_rank", [state["rng"]])[self.dist.rank])
+        if self.primary:
+            _truncate_metrics(self.metrics_path, self.state.step)
+
+    def seconds(self) -> float:
+        return self.state.elapsed + time.perf_counter() - self.started
+
+    def save(self, done: bool = False) -> None:
+        """Collective (the RNG states of all processes are gathered); rank 0 writes."""
+        rng = self.dist.gather_object(ckpt.rng_state())
+        if not self.primary:
+            return
+        gap = self.state.gap
+        state = {"model": self.bare.state_dict(), "regularizer": self.objective.regularizer_state(),
+                 "optimizer": self.optimizer.state_dict(),
+                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                 "step": self.state.step, "total_steps": self.total_steps, "seconds": self.seconds(),
+                 "epoch_sums": {k: v.cpu() for k, v in self.sums.items()}, "rng": rng[0],
+                 "bn_gap": None if gap is None else gap.cpu(),
+                 "world_size": self.world, "run_info": self.run_info or {}, "done": done}
+        if self.dist.enabled:
+            state["rng_per_rank"] = rng
+        ckpt.save_atomic(state, self.ckpt_path)
+
+    def interrupted(self) -> Interrupted:
+        return Interrupted(f"interrupted at step {self.state.step}/{self.total_steps}; checkpoint saved in "
+                           f"{self.run_dir}")
+
+    # --- networks ------------------------------------------------------------------------------------
+
+    def wrap_networks(self, compile_model: bool, sync_bn: bool) -> nn.Module:
+        """SyncBatchNorm, compilation and DDP, once; returns the network the steps run."""
+        self.bare = bare = self.objective.model
+        if sync_bn and self.dist.enabled:
+            convert_sync_batchnorm(bare)
+            if self.objective.source is not None:  # DELTA's source with batch statistics: global too
+                convert_sync_batchnorm(self.objective.source)
+        # Only the target network is compiled and wrapped; hooks, L2-SP and RIFLE hold its inner modules
+        # and parameters, which neither wrapper replaces.
+        net = torch.compile(bare) if compile_model else bare
+        if self.dist.enabled:
+            net = DistributedDataParallel(net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return net
+
+    def evaluate(self, dataset: Dataset | None, name: str) -> dict[str, float]:
+        if dataset is None or len(dataset) == 0:
+            return {}
+        if self.dist.enabled:  # DDP leaves each process with its own last BatchNorm update: use rank 0's
+            self.dist.broadcast_tensors_(list(self.bare.buffers()))
+        return evaluate(self.bare, dataset, batch_size=self.batch_size, device=self.device,
+                        num_workers=self.num_workers, desc=name, progress=self.progress, dist=self.dist,
+                        amp_dtype=self.amp_dtype, channels_last=self.channels_last)
+
+    # --- the loop ------------------------------------------------------------------------------------
+
+    def loader(self, epoch: int, start: int) -> DataLoader:
+        """The epoch's batches from its ``start``-th step on."""
+        sampler = EpochSampler(self.n_train, self.seed, epoch, start * self.batch_size * self.world,
+                               batch_size=self.batch_size, rank=self.dist.rank, world_size=self.world)
+        # Its own generator: a DataLoader draws its workers' base seed when an iterator starts, from the
+        # global RNG otherwise, and a run resumed mid-epoch starts one more iterator than the
+        # uninterrupted run, which would shift every later dropout / drop-path draw.
+        return DataLoader(self.train_set, batch_size=self.batch_size, drop_last=self.drop_last, sampler=sampler,
+                          num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
+                          generator=torch.Generator().manual_seed(self.seed * RANK_SEED_STRIDE + epoch))
+
+    def context(self) -> StepContext:
+        return StepContext(self.state.step, self.total_steps, self.optimizer, self.dist.rank, self.world)
+
+    def train_one_epoch(self, stop: dict[str, int], bar: tqdm) -> bool:
+        """Steps until the epoch ends (or the run does, or a signal asks to stop); returns whether to stop."""
+        epoch, start = divmod(self.state.step, self.steps_per_epoch)
+        self.train_set.set_epoch(epoch)
+        self.objective.train()  # again after each evaluation, which put the model in eval mode
+        stopping = False
+        for images, labels in self.loader(epoch, start):
+            step = self.state.step
+            self.scheduler.step_update(step)
+            for hook in self.hooks:
+                hook.before_step(self.context())
+            images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
+            labels = labels.to(self.device, non_blocking=True)
+            for hook in self.hooks:
+                labels = hook.labels(self.context(), labels)
+            if step % self.steps_per_epoch == 0:
+                self.state.gap = self.objective.statistics_gap(images)
+            train_step(self.objective, self.optimizer, self.scaler, images, labels, self.sums)
+            self.state.step = step = step + 1
+            bar.update(1)
+            for hook in self.hooks:  # identical on every process: hooks are functions of the step
+                event = hook.after_step(self.context())
+                if event and self.primary:
+                    _append_metrics(self.metrics_path, {"step": step, "event": event})
+            if step % self.log_every == 0 and not bar.disable:  # a host sync, at logging steps only
+                bar.set_postfix(loss=f"{(self.sums['loss'] / self.sums['count']).item():.3f}")
+            boundary = step >= self.total_steps or step % self.steps_per_epoch == 0
+            if not self.dist.enabled:
+                stopping = bool(stop)
+            elif boundary or step % self.sync_every == 0:
+                stopping = self.dist.any(bool(stop), self.device)
+            if stopping or boundary:
+                break
+        return stopping
+
+    def reduce_sums(self) -> None:
+        """Collective: every running sum becomes the mean of the processes' (the count is the same)."""
+        if self.dist.enabled and self.sums:
+            keys = sorted(self.sums)
+            packed = self.dist.all_reduce_sum_(torch.stack([self.sums[k] for k in keys])) / self.world
+            self.sums.update(zip(keys, packed.unbind()))
+
+    def end_epoch(self, val_set: Dataset | None, eval_every: int) -> None:
+        """Log the epoch's means (refusing a non-finite loss), validate when due, checkpoint."""
+        step = self.state.step
+        epoch = math.ceil(step / self.steps_per_epoch)
+        row: dict[str, Any] = {"epoch": epoch, "step": step, "lr": self.optimizer.param_groups[0]["lr"]}
+        self.reduce_sums()
+        if not torch.isfinite(self.sums["loss"]):  # one check per epoch: NaN and inf persist in the sum
+            kept = (f"{self.ckpt_path} keeps epoch {epoch - 1}" if epoch > 1 and os.path.isfile(self.ckpt_path)
+                    else "no checkpoint was written")
+            raise DeltatlError(f"training diverged: the loss became {self.sums['loss'].item()} in epoch {epoch} "
+                               f"(by step {step}); {kept}. Lower --lr (or --alpha)")
+        count = self.sums.pop("count")
+        row.update({f"train/{k}": (v / count).item() for k, v in self.sums.items()})
+        self.sums.clear()
+        if self.state.gap is not None:  # rank 0's batch (a diagnostic, not averaged over processes)
+            row["delta/bn_gap"] = self.state.gap.item()
+            self.state.gap = None
+        # Cheap (one norm per epoch) and what RIFLE's re-initialisations visibly reset.
+        row["head/norm"] = head_module(self.bare).weight.detach().norm().item()
+        if epoch % eval_every == 0 or step >= self.total_steps:
+            self.state.val = self.evaluate(val_set, "val")
+            row.update({f"val/{k}": v for k, v in self.state.val.items() if k != "n"})
+        row["seconds"] = self.seconds()
+        if self.primary:
+            _append_metrics(self.metrics_path, row)
+        self.save()
+
+    def run(self, net: nn.Module, val_set: Dataset | None, eval_every: int) -> None:
+        """Epochs until ``total_steps``; on a signal, checkpoint and raise :class:`Interrupted`."""
+        bar = tqdm(total=self.total_steps, initial=self.state.step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=None if self.progress and self.primary else True)
+        try:
+            with _training_networks(self.objective, net, self.device.type, self.amp_dtype), \
+                    _stop_on_signals() as stop:
+                while self.state.step < self.total_steps:
+                    stopping = self.train_one_epoch(stop, bar)
+                    step = self.state.step
+                    if step % self.steps_per_epoch == 0 or step >= self.total_steps:
+                        self.end_epoch(val_set, eval_every)  # an epoch's last step: logged and validated first
+                    elif stopping:
+                        self.reduce_sums()
+                        self.save()
+                    if stopping:
+                        raise self.interrupted()
+        except Interrupted:
+            bar.close()
+            self.dist.barrier()  # nobody exits (and makes torchrun stop the others) before rank 0 has saved
+            raise
+        bar.close()
+
+    def finish(self, val_set: Dataset | None, test_set: Dataset | None) -> dict[str, Any]:
+        """The final model's validation (if not just done) and test scores; ``summary.json``."""
+        val = self.state.val or self.evaluate(val_set, "val")
+        test = self.evaluate(test_set, "test")
+        summary = {**(self.run_info or {}),
+                   "val_top1": val.get("top1"), "val_loss": val.get("loss"),
+                   "test_top1": test.get("top1"), "test_loss": test.get("loss"),
+                   "epochs": self.epochs, "steps": self.total_steps, "train_images": self.n_train,
+                   "world_size": self.world, "seconds": round(self.seconds(), 2)}
+        self.save(done=True)
+        if self.primary:
+            with atomic_open(os.path.join(self.run_dir, SUMMARY)) as f:
+                json.dump({k: _strict(v) for k, v in summary.items()}, f, indent=2, allow_nan=False)
+        return summary
+
+
 def fit(objective: Objective, train_set: TransformedImages, val_set: Dataset | None, test_set: Dataset | None,
         *, run_dir: str, total_steps: int, batch_size: int, lr: float, momentum: float = 0.9,
         weight_decay: float = 0.0, schedule: str = "step", decay_fraction: float = 2 / 3,
@@ -220,7 +475,7 @@ def fit(objective: Objective, train_set: TransformedImages, val_set: Dataset | N
         run_info: dict[str, Any] | None = None, dist: DistEnv = SINGLE, amp: str = "none",
         channels_last: bool = False, compile_model: bool = False, sync_bn: bool = False,
         sync_every: int | None = None, lr_cycles: int = 1, lr_min_factor: float = 0.0,
-        disturb: DisturbLabel | None = None) -> dict[str, Any]:
+        disturb: DisturbLabel | None = None, hooks: Sequence[StepHook] = ()) -> dict[str, Any]:
     """Train ``objective`` with SGD for ``total_steps`` steps and evaluate it.
 
     Validation accuracy is measured every ``eval_every`` epochs and at the end; the test set is
@@ -237,6 +492,7 @@ def fit(objective: Objective, train_set: TransformedImages, val_set: Dataset | N
         rifle: re-initialise the head at the given steps (RIFLE); see :mod:`deltatl.engine.rifle`.
         disturb: DisturbLabel, applied to every training batch's labels (seeded by the step, so
             resuming and DDP stay exact); see :mod:`deltatl.engine.tricks`.
+        hooks: further step hooks (:mod:`deltatl.engine.hooks`), after ``disturb`` and ``rifle``.
         run_info: stored in the checkpoint and the summary (method, model, classes, config...).
         dist: the process's place in a DDP job (every process calls ``fit`` with the same arguments).
             The objective must have been built with ``distance_scale=world_size`` for DELTA's
@@ -253,192 +509,13 @@ def fit(objective: Objective, train_set: TransformedImages, val_set: Dataset | N
     Returns:
         The summary: ``val_top1``, ``test_top1`` (percent), losses, ``epochs``, ``steps``, ``seconds``.
     """
-    primary, world = dist.is_primary, dist.world_size
-    ckpt_path, metrics_path = os.path.join(run_dir, CHECKPOINT), os.path.join(run_dir, METRICS)
-    n_train = len(train_set)
-    if n_train == 0:
-        raise DeltatlError("the training split is empty")
-    if dist.enabled and n_train < batch_size * world:
-        raise DeltatlError(f"the training split has {n_train} images, fewer than one global batch of "
-                           f"{world} processes x {batch_size}: lower --batch-size")
-    if amp not in AMP_DTYPES:
-        raise DeltatlError(f"unknown --amp '{amp}' (choose from {', '.join(AMP_DTYPES)})")
-    amp_dtype = AMP_DTYPES[amp]
-    drop_last = n_train >= batch_size
-    steps_per_epoch = epoch_steps(n_train, batch_size * world)
-    epochs = math.ceil(total_steps / steps_per_epoch)
-    if sync_every is None:
-        sync_every = log_every if device.type == "cuda" else 1
-    if primary:
-        os.makedirs(run_dir, exist_ok=True)
-
-    ckpt.seed_everything(seed + RANK_SEED_STRIDE * dist.rank)
-    objective.to(device)
-    # Target, source, L2-SP starting point and attention: rank 0's on every process.
-    dist.broadcast_module_(objective)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    if channels_last:
-        objective.to(memory_format=torch.channels_last)
-    # The head is the last parameter group, so RIFLE's cyclic schedule can address it alone.
-    optimizer = torch.optim.SGD(objective.param_groups(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    scheduler = create_schedule(optimizer, schedule, total_steps, steps_per_epoch, decay_fraction,
-                                cycles=lr_cycles, min_factor=lr_min_factor)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-    step, elapsed = 0, 0.0
-    gap: Tensor | None = None  # DELTA: the part of its term due to BatchNorm statistics, on an epoch's first batch
-    sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64, device=device))
-    if dist.broadcast_object(resume and os.path.isfile(ckpt_path)):
-        state = ckpt.load(ckpt_path)
-        if state.get("world_size", 1) != world:
-            raise DeltatlError(f"{ckpt_path} was written by {state.get('world_size', 1)} process(es); resume it "
-                               f"with as many (torchrun --nproc_per_node), not {world}")
-        objective.model.load_state_dict(state["model"])
-        objective.load_regularizer_state(state["regularizer"])
-        optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        step, elapsed, gap = state["step"], state["seconds"], state.get("bn_gap")
-        for k, v in state["epoch_sums"].items():
-            sums[k] = v.to(device)
-        ckpt.set_rng_state(state.get("rng_per_rank", [state["rng"]])[dist.rank])
-        if primary:
-            _truncate_metrics(metrics_path, step)
-    elif primary and os.path.isfile(metrics_path):
-        os.remove(metrics_path)
-
-    bare = objective.model
-    if sync_bn and dist.enabled:
-        convert_sync_batchnorm(bare)
-        if getattr(objective, "source", None) is not None:  # DELTA's source with batch statistics: global too
-            convert_sync_batchnorm(objective.source)
-    # Only the target network is compiled and wrapped; hooks, L2-SP and RIFLE hold its inner modules
-    # and parameters, which neither wrapper replaces.
-    net = torch.compile(bare) if compile_model else bare
-    if dist.enabled:
-        net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-
-    def reduce_sums() -> None:
-        """Collective: every running sum becomes the mean of the processes' (the count is the same)."""
-        if dist.enabled and sums:
-            keys = sorted(sums)
-            packed = dist.all_reduce_sum_(torch.stack([sums[k] for k in keys])) / world
-            sums.update(zip(keys, packed.unbind()))
-
-    def save(done: bool = False) -> None:
-        """Collective (the RNG states of all processes are gathered); rank 0 writes."""
-        rng = dist.gather_object(ckpt.rng_state())
-        if not primary:
-            return
-        state = {"model": bare.state_dict(), "regularizer": objective.regularizer_state(),
-                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                 "step": step, "total_steps": total_steps, "seconds": elapsed + time.perf_counter() - started,
-                 "epoch_sums": {k: v.cpu() for k, v in sums.items()}, "rng": rng[0],
-                 "bn_gap": None if gap is None else gap.cpu(),
-                 "world_size": world, "run_info": run_info or {}, "done": done}
-        if dist.enabled:
-            state["rng_per_rank"] = rng
-        ckpt.save_atomic(state, ckpt_path)
-
-    def eval_split(dataset: Dataset | None, name: str) -> dict[str, float]:
-        if dataset is None or len(dataset) == 0:
-            return {}
-        if dist.enabled:  # DDP leaves each process with its own last BatchNorm update: use rank 0's
-            dist.broadcast_tensors_(list(bare.buffers()))
-        return evaluate(bare, dataset, batch_size=batch_size, device=device, num_workers=num_workers, desc=name,
-                        progress=progress, dist=dist, amp_dtype=amp_dtype, channels_last=channels_last)
-
-    started = time.perf_counter()
-    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
-               disable=None if progress and primary else True)
-    val: dict[str, float] = {}
-    try:
-        with _training_networks(objective, net, device.type, amp_dtype), _stop_on_signals() as stop:
-            while step < total_steps:
-                epoch, start = divmod(step, steps_per_epoch)
-                train_set.set_epoch(epoch)
-                objective.train()  # again after each evaluation, which put the model in eval mode
-                sampler = EpochSampler(n_train, seed, epoch, start * batch_size * world, batch_size=batch_size,
-                                       rank=dist.rank, world_size=world)
-                # Its own generator: a DataLoader draws its workers' base seed when an iterator starts,
-                # from the global RNG otherwise, and a run resumed mid-epoch starts one more iterator
-                # than the uninterrupted run, which would shift every later dropout / drop-path draw.
-                loader = DataLoader(train_set, batch_size=batch_size, drop_last=drop_last, sampler=sampler,
-                                    num_workers=num_workers, pin_memory=device.type == "cuda",
-                                    generator=torch.Generator().manual_seed(seed * RANK_SEED_STRIDE + epoch))
-                stopping = False
-                for images, labels in loader:
-                    scheduler.step_update(step)
-                    if rifle is not None and rifle.cyclic_lr:
-                        optimizer.param_groups[-1]["lr"] = lr * rifle.head_lr_factor(step, total_steps)
-                    images = images.to(device, non_blocking=True, memory_format=fmt)
-                    labels = labels.to(device, non_blocking=True)
-                    if disturb is not None:
-                        labels = disturb(labels, step, dist.rank, world)
-                    if step % steps_per_epoch == 0:
-                        gap = objective.statistics_gap(images)
-                    train_step(objective, optimizer, scaler, images, labels, sums)
-                    step += 1
-                    bar.update(1)
-                    # Identical on every process: the generator is seeded by (seed, event).
-                    if rifle is not None and rifle.after_step(step, optimizer) and primary:
-                        _append_metrics(metrics_path, {"step": step, "event": "rifle"})
-                    if step % log_every == 0 and not bar.disable:  # a host sync, at logging steps only
-                        bar.set_postfix(loss=f"{(sums['loss'] / sums['count']).item():.3f}")
-                    boundary = step >= total_steps or step % steps_per_epoch == 0
-                    if not dist.enabled:
-                        stopping = bool(stop)
-                    elif boundary or step % sync_every == 0:
-                        stopping = dist.any(bool(stop), device)
-                    if stopping or boundary:
-                        break
-                epoch_done = step % steps_per_epoch == 0 or step >= total_steps
-                if stopping and not epoch_done:
-                    reduce_sums()
-                    save()
-                    raise Interrupted(f"interrupted at step {step}/{total_steps}; checkpoint saved in {run_dir}")
-                if not epoch_done:
-                    continue
-                epoch = math.ceil(step / steps_per_epoch)
-                row: dict[str, Any] = {"epoch": epoch, "step": step, "lr": optimizer.param_groups[0]["lr"]}
-                reduce_sums()
-                if not torch.isfinite(sums["loss"]):  # one check per epoch: NaN and inf persist in the sum
-                    kept = (f"{ckpt_path} keeps epoch {epoch - 1}" if epoch > 1 and os.path.isfile(ckpt_path)
-                            else "no checkpoint was written")
-                    raise DeltatlError(f"training diverged: the loss became {sums['loss'].item()} in epoch {epoch} "
-                                       f"(by step {step}); {kept}. Lower --lr (or --alpha)")
-                count = sums.pop("count")
-                row.update({f"train/{k}": (v / count).item() for k, v in sums.items()})
-                sums.clear()
-                if gap is not None:  # rank 0's batch (a diagnostic, not averaged over processes)
-                    row["delta/bn_gap"] = gap.item()
-                    gap = None
-                # Cheap (one norm per epoch) and what RIFLE's re-initialisations visibly reset.
-                row["head/norm"] = head_module(bare).weight.detach().norm().item()
-                if epoch % eval_every == 0 or step >= total_steps:
-                    val = eval_split(val_set, "val")
-                    row.update({f"val/{k}": v for k, v in val.items() if k != "n"})
-                row["seconds"] = elapsed + time.perf_counter() - started
-                if primary:
-                    _append_metrics(metrics_path, row)
-                save()
-                if stopping:  # on an epoch's last step: that epoch is logged and validated first
-                    raise Interrupted(f"interrupted at step {step}/{total_steps}; checkpoint saved in {run_dir}")
-    except Interrupted:
-        bar.close()
-        dist.barrier()  # nobody exits (and makes torchrun stop the others) before rank 0 has saved
-        raise
-    bar.close()
-    if not val:
-        val = eval_split(val_set, "val")
-    test = eval_split(test_set, "test")
-    seconds = elapsed + time.perf_counter() - started
-    summary = {**(run_info or {}),
-               "val_top1": val.get("top1"), "val_loss": val.get("loss"),
-               "test_top1": test.get("top1"), "test_loss": test.get("loss"),
-               "epochs": epochs, "steps": total_steps, "train_images": n_train, "world_size": world,
-               "seconds": round(seconds, 2)}
-    save(done=True)
-    if primary:
-        with atomic_open(os.path.join(run_dir, SUMMARY)) as f:
-            json.dump({k: _strict(v) for k, v in summary.items()}, f, indent=2, allow_nan=False)
-    return summary
+    all_hooks = [hook for hook in (disturb, rifle) if hook is not None] + list(hooks)
+    loop = _Loop(objective, train_set, run_dir=run_dir, total_steps=total_steps, batch_size=batch_size, lr=lr,
+                 momentum=momentum, weight_decay=weight_decay, schedule=schedule, decay_fraction=decay_fraction,
+                 device=device, seed=seed, num_workers=num_workers, log_every=log_every, hooks=all_hooks,
+                 progress=progress, run_info=run_info, dist=dist, amp=amp, channels_last=channels_last,
+                 sync_every=sync_every, lr_cycles=lr_cycles, lr_min_factor=lr_min_factor)
+    loop.restore(resume)
+    net = loop.wrap_networks(compile_model, sync_bn)
+    loop.run(net, val_set, eval_every)
+    return loop.finish(val_set, test_set)

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..errors import DeltatlError
 from ..models import init_head_
+from .hooks import StepContext, StepHook, param_group
 
 
 class RifleWarning(UserWarning):
@@ -79,8 +80,8 @@ def rifle_warnings(steps: list[int], total_steps: int, decay_step: int | None) -
 
 
 @dataclass
-class Rifle:
-    """When and how to re-initialise ``head``; the training loop calls :meth:`after_step`."""
+class Rifle(StepHook):
+    """When and how to re-initialise ``head``: a step hook of the training loop."""
 
     head: nn.Linear
     steps: list[int]
@@ -97,7 +98,17 @@ class Rifle:
                 return 0.5 * (1 + math.cos(math.pi * (step - start) / (stop - start)))
         return 0.0
 
-    def after_step(self, step: int, optimizer: torch.optim.Optimizer) -> bool:
+    def before_step(self, context: StepContext) -> None:
+        """With ``cyclic_lr``: the head's learning rate, its base rate times :meth:`head_lr_factor`."""
+        if self.cyclic_lr:
+            head = param_group(context.optimizer, "head")
+            head["lr"] = head["initial_lr"] * self.head_lr_factor(context.step, context.total_steps)
+
+    def after_step(self, context: StepContext) -> str | None:
+        """Re-initialise if ``context.step`` (steps done so far) ends a period; the event logged if so."""
+        return "rifle" if self.reinitialise(context.step, context.optimizer) else None
+
+    def reinitialise(self, step: int, optimizer: torch.optim.Optimizer) -> bool:
         """Re-initialise if ``step`` (steps done so far) ends a period; returns whether it did."""
         if step not in self.steps:
             return False

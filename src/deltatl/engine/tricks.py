@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import DeltatlError
+from .hooks import StepContext, StepHook
 
 # Mixed into DisturbLabel's per-step seeds so they never coincide with another generator's.
 _DISTURB_SALT = 0x5EED_D15B
@@ -137,7 +138,7 @@ def _step_seed(seed: int, step: int) -> int:
 
 
 @dataclass(frozen=True)
-class DisturbLabel:
+class DisturbLabel(StepHook):
     """Replace each training label, with probability ``p``, by a uniformly drawn class.
 
     Called once per training step with the step index (0-based, the same on every process).
@@ -152,6 +153,9 @@ class DisturbLabel:
             raise DeltatlError("--disturb-label must be in [0, 1]")
         if self.num_classes < 1:
             raise DeltatlError("DisturbLabel needs at least one class")
+
+    def labels(self, context: StepContext, labels: Tensor) -> Tensor:
+        return self(labels, context.step, context.rank, context.world_size)
 
     def __call__(self, labels: Tensor, step: int, rank: int = 0, world_size: int = 1) -> Tensor:
         """The labels of process ``rank``'s slice (``labels``) of the global batch of ``step``."""
