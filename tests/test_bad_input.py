@@ -612,3 +612,27 @@ def test_an_unknown_delta_layer_is_one_error_line_listing_the_valid_ones(train, 
 def test_predict_given_a_run_folder_as_an_image_points_to_checkpoint(cli, train, image_folder, tmp_path):
     assert train(image_folder(), out=tmp_path / "run").code == 0
     assert_one_error_line(cli("predict", tmp_path / "run"), "cannot read image", f"--checkpoint {tmp_path / 'run'}")
+
+
+@pytest.mark.parametrize("module, command, extra", [
+    ("optuna", ["search", "--method", "l2-sp", "--alpha-grid", "0.01", "--out", "s"], "search"),
+    ("matplotlib", ["report", "run", "--out", "r"], "analysis"),
+])
+def test_a_missing_optional_dependency_names_its_extra(tmp_path, image_folder, tiny_train_args, module, command,
+                                                       extra):
+    """train needs none of the extras; search and report say which one to install."""
+    def without(*modules: str) -> str:
+        return (f"import sys; sys.modules.update(dict.fromkeys({modules!r})); from deltatl.launch import main; "
+                f"sys.exit(main(sys.argv[1:]))")
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    trained = subprocess.run([sys.executable, "-c", without("optuna", "matplotlib", "scipy"), "train", "--data", str(image_folder()),
+                              *tiny_train_args, "--out", "run"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert trained.returncode == 0, trained.stderr
+    if command[0] == "search":
+        command = [command[0], "--data", str(image_folder("data2")), *tiny_train_args, *command[1:]]
+    proc = subprocess.run([sys.executable, "-c", without(module), *command], cwd=tmp_path, env=env, capture_output=True,
+                          text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (f"deltatl: error: this needs {module}, which deltatl's '{extra}' "
+                                                    f"extra installs: pip install 'deltatl[{extra}]'")

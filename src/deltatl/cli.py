@@ -20,6 +20,7 @@ from .config import OFFICIAL_ALPHA, RELATIVE_ALPHA, TrainConfig, load_yaml, make
 from .data import DATASETS
 from .engine.objective import SOURCE_BN_MODES
 from .errors import DeltatlError
+from .extras import missing_extra_message
 from .regularizers import DELTA_REDUCTIONS
 
 # The main job: DELTA (attention included, deltatl's default settings and alpha) next to plain
@@ -417,6 +418,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("deltatl: interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as exc:
+        message = missing_extra_message(exc)
+        if message is None:
+            raise
+        print(f"deltatl: error: {message}", file=sys.stderr)
+        return 2
     except OSError as exc:  # a full disk, a read-only or unreadable folder: the system's own words, one line
         where = f": {exc.filename}" if exc.filename else ""
         print(f"deltatl: error: {exc.strerror or exc}{where}", file=sys.stderr)

@@ -13,12 +13,8 @@ all-reduce every ``sync_every`` steps and at every epoch end); only rank 0 write
 :mod:`deltatl.distributed`.
 
 Speed switches, all off by default because each changes the floating-point result or costs a
-compilation. On a 2-core AVX2 CPU (no bf16 instructions) a bf16 step was 5-6x slower than float32
-for ``test_resnet`` and 7x or more for EfficientNet-Lite0 (depthwise convolutions): leave bf16 off on
-such CPUs; it is for GPUs and CPUs with bf16 units (AMX, AVX512-BF16). channels_last: ``deltatl bench``
-(one thread, interleaved, loaded machine) measured 1.1-1.7x faster training steps for EfficientNet-Lite0
-and ResNet-50 on that CPU, other runs there saw no difference; see BENCHMARKS.md before changing the
-default.
+compilation; BENCHMARKS.md has what ``deltatl bench`` measured of each (bf16 is for GPUs and CPUs with
+bf16 units: on CPUs without them it is several times slower than float32).
 
 - ``amp="bf16"``: autocast the networks' forward passes (target, source) to bfloat16, no scaler.
   ``amp="fp16"``: float16 with a :class:`torch.amp.GradScaler` (its inf check syncs the host each
