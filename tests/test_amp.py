@@ -8,7 +8,7 @@ import yaml
 
 from deltatl.config import TrainConfig
 from deltatl.data import ArrayImages, TransformedImages
-from deltatl.engine.channel_attention import layer_channels
+from deltatl.attention import layer_channels
 from deltatl.engine.fit import autocast_networks, fit
 from deltatl.engine.objective import Objective
 from deltatl.errors import DeltatlError

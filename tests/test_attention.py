@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 from torch import nn
 
-from deltatl.attention import (FORMAT, _expansion_point, channel_attention_scores, normalize_scores,
+from deltatl.attention.scores import (FORMAT, _expansion_point, channel_attention_scores, normalize_scores,
                                read_scores, write_scores)
 from deltatl.features import layer_preset
 

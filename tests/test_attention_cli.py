@@ -7,10 +7,10 @@ import pytest
 import timm
 import torch
 
-import deltatl.engine.channel_attention
+import deltatl.attention.estimate
 import deltatl.run
 from deltatl.attention import FORMAT, normalize_scores, read_scores
-from deltatl.engine.channel_attention import layer_channels
+from deltatl.attention import layer_channels
 from deltatl.features import layer_preset
 from deltatl.models import create_model
 
@@ -40,7 +40,7 @@ def forbid_computing(monkeypatch) -> None:
     def no_fit(*args, **kwargs):
         raise AssertionError("the channel attention was computed again")
 
-    monkeypatch.setattr(deltatl.engine.channel_attention, "fit", no_fit)
+    monkeypatch.setattr(deltatl.attention.estimate, "fit", no_fit)
     monkeypatch.setattr(deltatl.run, "estimate_channel_attention", no_fit)
 
 
@@ -137,7 +137,7 @@ def test_an_official_list_of_lists_file_is_mapped_in_order_onto_the_layers(cli, 
     weights = normalize_scores(dict(zip(layers, official)), temperature=2.0)
     regularizer = torch.load(run / "checkpoint.pt", weights_only=False)["regularizer"]
     for i, name in enumerate(layers):
-        assert torch.equal(regularizer[f"attention_{i}"], weights[name]), name
+        assert torch.equal(regularizer[f"delta.attention_{i}"], weights[name]), name
 
 
 @pytest.mark.parametrize("kind", ["official", "deltatl"])

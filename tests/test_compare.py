@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import deltatl.engine.channel_attention
+import deltatl.attention.estimate
 import deltatl.run
 from conftest import CLASS_COLOURS, TINY_TRAIN_ARGS, make_image, write_png
 from deltatl.cli import main
@@ -183,7 +183,7 @@ def test_rerunning_compare_reuses_every_run_and_prints_the_same_table(compared, 
         raise AssertionError("a finished run was trained again")
 
     monkeypatch.setattr(deltatl.run, "fit", no_training)
-    monkeypatch.setattr(deltatl.engine.channel_attention, "fit", no_training)
+    monkeypatch.setattr(deltatl.attention.estimate, "fit", no_training)
     again = cli(*compared["argv"])
     assert again.code == 0, again.err
     assert {p: p.stat().st_mtime_ns for p in out.rglob("summary.json")} == before

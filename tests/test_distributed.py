@@ -135,7 +135,7 @@ def jobs(tmp_path_factory):
     """Write data and an attention file, run every 2-process job in one torchrun launch."""
     from conftest import CLASS_COLOURS, make_image, write_png
     from deltatl.attention import write_scores
-    from deltatl.engine.channel_attention import layer_channels
+    from deltatl.attention import layer_channels
     from deltatl.features import layer_preset
     from deltatl.models import create_model
 

@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 import pytest
 
-import deltatl.engine.channel_attention
+import deltatl.attention.estimate
 import deltatl.run
 from conftest import TINY_TRAIN_ARGS
 from deltatl.config import TrainConfig
@@ -250,7 +250,7 @@ def test_rerunning_the_search_reuses_every_run(searched, tiny_data, cli, monkeyp
         raise AssertionError("a finished run was trained again")
 
     monkeypatch.setattr(deltatl.run, "fit", no_training)
-    monkeypatch.setattr(deltatl.engine.channel_attention, "fit", no_training)
+    monkeypatch.setattr(deltatl.attention.estimate, "fit", no_training)
     again = cli(*search_argv(tiny_data, searched))
     assert again.code == 0, again.err
     assert {name: (searched / name).read_bytes() for name in files} == files

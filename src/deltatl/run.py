@@ -17,20 +17,19 @@ import torch
 
 from .config import TrainConfig, default_alpha, dump_yaml, read_run_config
 from .data import DATASETS, DataSplits, TransformedImages, load_splits
+from .attention import (cache_key, cached_channel_attention, check_replaceable_scores, estimate_channel_attention,
+                        layer_channels, normalize_scores, read_scores, write_scores)
 from .data.folds import fold_splits
 from .data.transforms import evaluation_transform, train_transform
 from .distributed import SINGLE, DistEnv, init_from_env
 from .engine.fit import CHECKPOINT, SUMMARY, epoch_steps, fit
-from .attention import FORMAT as ATTENTION_FORMAT, normalize_scores, read_scores, write_scores
-from .engine.channel_attention import (cache_key, cached_channel_attention, estimate_channel_attention,
-                                       layer_channels)
 from .engine.objective import Objective
-from .methods import get_method
 from .engine.rifle import Rifle, RifleWarning, rifle_steps, rifle_warnings
 from .engine.schedule import CYCLIC, step_decay_at
 from .engine.tricks import DisturbLabel, check_stochastic_depth, install_head_regularization, suspended
 from .errors import DeltatlError
 from .features import layer_preset
+from .methods import get_method
 from .models import create_model, head_module, head_name, preprocessing, resolve_pretrained
 
 # Few-shot default of a named dataset when --train-per-class is not given (the embedded default job).
@@ -231,21 +230,6 @@ def attention_run(config: TrainConfig, output: str, *, progress: bool = True) ->
     write_scores(output, raw, {"model": config.model, "data": config.data, "layers": layers,
                                "method": config.attention_method})
     return raw
-
-
-def check_replaceable_scores(path: str) -> None:
-    """``--output`` may replace only a deltatl attention file (an earlier ``deltatl attention``'s)."""
-    if os.path.isdir(path):
-        raise DeltatlError(f"--output {path} is a folder; give a file name")
-    if not os.path.exists(path):
-        return
-    try:
-        with open(path) as f:
-            ours = json.load(f).get("format") == ATTENTION_FORMAT
-    except (OSError, ValueError, AttributeError):
-        ours = False
-    if not ours:
-        raise DeltatlError(f"--output {path} exists and is not a deltatl attention file; choose another name")
 
 
 def delta_layers(config: TrainConfig, model: torch.nn.Module) -> list[str]:

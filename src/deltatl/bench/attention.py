@@ -8,7 +8,7 @@ medians of the per-round ratios:
 
 1. Builds the model with its source weights and a new head, and trains the head as L2-FE on
    ``--data`` (default Fashion-MNIST-30) with :func:`deltatl.engine.fit.fit`, as
-   ``deltatl.engine.channel_attention.estimate_channel_attention`` does (backbone frozen, BatchNorm
+   ``deltatl.attention.estimate_channel_attention`` does (backbone frozen, BatchNorm
    statistics adapting, SGD lr 0.01, momentum 0.9, wd 1e-4, lr / 10 after 60 % of the steps), but for
    ``--head-epochs`` epochs (default 5) instead of the official 10.
 2. Takes the first ``--attention-batches`` training batches of epoch 0 with the train augmentation
@@ -51,8 +51,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..attention import (_batch_loss, _expansion_point, _forward_with_hook, channel_attention_scores,
-                         normalize_scores)
+from ..attention.scores import (_batch_loss, _expansion_point, _forward_with_hook, channel_attention_scores,
+                                normalize_scores)
 from ..config import TrainConfig
 from ..data import TransformedImages
 from ..data.transforms import eval_transform, train_transform

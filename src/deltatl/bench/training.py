@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..attention import normalize_scores
 from ..config import TrainConfig
-from ..engine.channel_attention import layer_channels
+from ..attention import layer_channels
 from ..engine.fit import train_step
 from ..engine.objective import Objective
 from ..methods import get_method

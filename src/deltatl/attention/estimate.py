@@ -7,6 +7,7 @@
    adapted: ``bn_train=True``).
 2. Score every channel of the tapped layers on the first K training batches with train augmentation
    (official: 4 batches of 32) with :func:`deltatl.attention.channel_attention_scores`.
+3. Turn the raw scores into weights (:func:`deltatl.attention.normalize_scores`) in the run.
 
 The raw scores depend only on the pretrained weights, the training images, the layers and these
 settings, so they are cached under a key of exactly those, and reused by every run that shares them
@@ -24,10 +25,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from ..attention import channel_attention_scores, read_scores, write_scores
 from ..data import ImageCollection, TransformedImages
-from .fit import EpochSampler, epoch_steps, fit
-from .objective import Objective
+from ..engine.fit import EpochSampler, epoch_steps, fit
+from ..engine.objective import Objective
+from .scores import channel_attention_scores, read_scores, write_scores
 
 OFFICIAL_EPOCHS_PER_TENTH = 6  # channel_eval.py: ExponentialLR(gamma=0.1 ** (1 / 6)), stepped per epoch
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "deltatl", "attention")

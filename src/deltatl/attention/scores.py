@@ -30,11 +30,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from .features import FeatureHooks, _resolve_modules
-from .outputs import atomic_open
+from ..errors import DeltatlError
+from ..features import FeatureHooks, _resolve_modules
+from ..outputs import atomic_open
 
-__all__ = ["FORMAT", "METHODS", "channel_attention_scores", "normalize_scores", "read_scores",
-           "write_scores"]
+__all__ = ["FORMAT", "METHODS", "channel_attention_scores", "check_replaceable_scores", "normalize_scores",
+           "read_scores", "write_scores"]
 
 FORMAT = "deltatl-attention-v1"
 METHODS = ("exact", "naive", "first_order")
@@ -121,6 +122,25 @@ def _as_scores(path: str, name: str, values: Any) -> Tensor:
     if not all(math.isfinite(v) for v in values):
         raise ValueError(f"{path}: layer {name!r}: scores contain NaN or infinity")
     return torch.tensor(values, dtype=torch.float32)
+
+
+def check_replaceable_scores(path: str) -> None:
+    """Refuse to write scores to ``path`` unless it is new or an earlier deltatl attention file.
+
+    Raises:
+        DeltatlError: ``path`` is a folder, or a file deltatl did not write.
+    """
+    if os.path.isdir(path):
+        raise DeltatlError(f"--output {path} is a folder; give a file name")
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path) as f:
+            ours = json.load(f).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise DeltatlError(f"--output {path} exists and is not a deltatl attention file; choose another name")
 
 
 def read_scores(path: str | os.PathLike[str], layers: Sequence[str] | None = None,
