@@ -21,6 +21,7 @@ from .data import DATASETS
 from .engine.objective import SOURCE_BN_MODES
 from .errors import DeltatlError
 from .extras import missing_extra_message
+from .methods import METHODS
 from .regularizers import DELTA_REDUCTIONS
 
 # The main job: DELTA (attention included, deltatl's default settings and alpha) next to plain
@@ -84,7 +85,7 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
         help="Inception-V3: keep the auxiliary classifier (new head for the target classes) and add this "
              "weight x its cross-entropy to the training loss (torchvision's recipe: 0.4); default 0: removed")
     g = parser.add_argument_group("method")
-    add("--method", help=f"l2, l2-fe, l2-sp, delta-noatt or delta (default {d.method})")
+    add("--method", help=f"{', '.join(METHODS)} (default {d.method})")
     add("--alpha", type=float, help=f"weight of the L2-SP / DELTA term (default: the authors' {OFFICIAL_ALPHA:g}, "
                                     f"and {RELATIVE_ALPHA:g} for DELTA's relative term: see README)")
     add("--beta", type=float, help=f"weight of the head's L2 term for l2-sp / delta* (default {d.beta})")
@@ -180,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
 
     p = sub.add_parser("compare", help="methods x seeds with one budget: a mean +/- std table")
-    p.add_argument("--methods", nargs="+", default=["l2", "l2-fe", "l2-sp", "delta-noatt", "delta"],
+    p.add_argument("--methods", nargs="+", default=list(METHODS),
                    help="method specs, e.g. l2 l2-sp delta delta+rifle3")
     p.add_argument("--seeds", type=_at_least_one, default=5, help="seeds 0..N-1 (default 5, as the paper)")
     p.add_argument("--alpha-grid", nargs="*", default=None,

@@ -29,8 +29,10 @@ import argparse
 import time
 from typing import Any
 
+from ..methods import METHODS
+
 SECTIONS = ("step", "memory", "scaling", "throughput", "loader", "attention")
-METHOD_NAMES = ("l2", "l2-fe", "l2-sp", "delta-noatt", "delta")
+METHOD_NAMES = tuple(METHODS)
 
 # Options whose default depends on --quick: (full, quick). --quick is for development and CI: about
 # a minute for all sections on a 2-core CPU with the default model; the full run takes much longer.
