@@ -16,7 +16,7 @@ import sys
 import warnings
 from typing import Any, Sequence
 
-from .config import OFFICIAL_ALPHA, RELATIVE_ALPHA, TrainConfig, load_yaml, make_config
+from .config import EMBEDDED_DELTA_ALPHA, OFFICIAL_ALPHA, RELATIVE_ALPHA, TrainConfig, load_yaml, make_config
 from .data import DATASETS
 from .engine.objective import SOURCE_BN_MODES
 from .errors import DeltatlError
@@ -86,18 +86,21 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
              "weight x its cross-entropy to the training loss (torchvision's recipe: 0.4); default 0: removed")
     g = parser.add_argument_group("method")
     add("--method", help=f"{', '.join(METHODS)} (default {d.method})")
-    add("--alpha", type=float, help=f"weight of the L2-SP / DELTA term (default: the authors' {OFFICIAL_ALPHA:g}, "
-                                    f"and {RELATIVE_ALPHA:g} for DELTA's relative term: see README)")
+    add("--alpha", type=float, help=f"weight of the L2-SP / DELTA term (default: the authors' {OFFICIAL_ALPHA:g}; "
+                                    f"DELTA on the embedded model {EMBEDDED_DELTA_ALPHA:g}, with the relative "
+                                    f"term {RELATIVE_ALPHA:g}: see README; a run prints which applies)")
     add("--beta", type=float, help=f"weight of the head's L2 term for l2-sp / delta* (default {d.beta})")
     add("--delta-layers", help="comma-separated module names whose feature maps DELTA regularizes "
                                "(default: the architecture's preset)")
     add("--delta-reduction", choices=DELTA_REDUCTIONS,
-        help="DELTA's term: relative (default: each layer's squared distance over the source's squared "
-             "activation, so alpha means the same for any model, image size or batch), sum (official: "
-             "summed over the batch, alpha tuned for ResNet-101 at 224 px and batch 64) or mean (sum / batch)")
+        help=f"DELTA's term (default {d.delta_reduction}): sum (official: summed over the batch, alpha tuned "
+             "for ResNet-101 at 224 px and batch 64), mean (sum / batch) or relative (each layer's squared "
+             "distance over the source's squared activation, so alpha means the same for any model, image "
+             "size or batch)")
     add("--delta-source-bn", choices=SOURCE_BN_MODES,
-        help="the source network's BatchNorm in DELTA's term: batch statistics (default; the term is 0 "
-             "at step 0 and measures only what training changed) or its running statistics (official)")
+        help=f"the source network's BatchNorm in DELTA's term (default {d.delta_source_bn}): its running "
+             "statistics (official) or the batch's (the term is then 0 at step 0 and measures only what "
+             "training changed)")
     add("--rifle", type=int, help="RIFLE: re-initialise the head K times, evenly spaced (default 0)")
     add("--rifle-reset-momentum", action="store_true", help="RIFLE: also clear the head's momentum")
     add("--rifle-cyclic-lr", action="store_true", help="RIFLE: restarting cosine learning rate for the head")
