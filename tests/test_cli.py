@@ -216,3 +216,23 @@ def test_a_delta_run_logs_per_epoch_how_much_of_its_term_batchnorm_statistics_al
     summary = json.loads((run / "summary.json").read_text())
     # test_resnet is not the embedded model: the authors' alpha, and the run says so
     assert summary["alpha"] == OFFICIAL_ALPHA and summary["alpha_from"].startswith("the authors' default")
+
+
+def test_bss_runs_resumes_and_compares_like_any_method(cli, image_folder, tmp_path):
+    """A method beyond the papers, built from the registry alone, goes through train, resume and compare."""
+    root = image_folder()
+    run = tmp_path / "bss"
+    first = cli("train", "--data", root, *TINY_TRAIN_ARGS, "--method", "bss", "--epochs", "2", "--out", run)
+    assert first.code == 0, first.err
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(row["train/reg/bss"] > 0 for row in rows)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["alpha"] == 0.001 and "beta" not in config  # BSS's authors' eta; no head term
+    again = cli("train", "--data", root, *TINY_TRAIN_ARGS, "--method", "bss", "--epochs", "2", "--out", run)
+    assert again.code == 0 and json.loads((run / "summary.json").read_text())["method"] == "bss"
+    compared = cli("compare", "--data", root, *TINY_TRAIN_ARGS, "--methods", "l2", "bss", "--seeds", "2",
+                   "--alpha-grid", "bss=0.001,0.01", "--out", tmp_path / "cmp")
+    assert compared.code == 0, compared.err
+    table = (tmp_path / "cmp" / "results.md").read_text()
+    assert re.search(r"^\| bss \| 0\.0(01|1) \| ", table, re.M), table  # alpha chosen on the grid
+    assert re.search(r"^\| bss \| l2 \| 2 \| ", table, re.M), table  # paired with l2

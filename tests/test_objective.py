@@ -306,7 +306,8 @@ def test_forward_returns_the_same_keys_in_train_and_eval_mode(method):
     assert train_keys == eval_keys
     assert {"loss", "logits", "ce"} <= train_keys
     expected_terms = {"l2": set(), "l2-fe": set(), "l2-sp": {"reg/l2sp", "reg/head"},
-                      "delta-noatt": {"reg/delta", "reg/head"}, "delta": {"reg/delta", "reg/head"}}[method]
+                      "delta-noatt": {"reg/delta", "reg/head"}, "delta": {"reg/delta", "reg/head"},
+                      "bss": {"reg/bss"}}[method]
     assert {k for k in train_keys if k.startswith("reg/")} == expected_terms
 
 
@@ -403,3 +404,20 @@ def test_loading_the_regularizer_state_of_another_method_is_refused():
         make_objective("delta").load_regularizer_state(state)
     with pytest.raises(DeltatlError, match="another method"):
         make_objective("l2-sp").load_regularizer_state({})
+
+
+def test_bss_is_alpha_times_the_smallest_squared_singular_value_of_the_classifier_input():
+    from deltatl.models import head_module
+    from deltatl.regularizers import batch_spectral_shrinkage
+
+    objective = make_objective("bss", alpha=0.003)
+    seen = []
+    head_module(objective.model).register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    images, labels = torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2])
+    out = objective(images, labels)
+    assert set(out) == {"loss", "logits", "ce", "reg/bss"}
+    assert out["reg/bss"].item() == pytest.approx(0.003 * batch_spectral_shrinkage(seen[0]).item(), rel=1e-6)
+    assert out["loss"].item() == pytest.approx(out["ce"].item() + out["reg/bss"].item(), rel=1e-6)
+    out["loss"].backward()  # the term's gradient reaches the backbone
+    assert objective.model.conv1[0].weight.grad.abs().sum() > 0
+    assert objective._head_input is None  # not kept beyond the step

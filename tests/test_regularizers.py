@@ -236,3 +236,41 @@ def test_l2sp_rejects_empty_and_repeated_names():
     p = nn.Parameter(torch.ones(1))
     with pytest.raises(ValueError, match="repeated"):
         L2SP([("a.b", p), ("a__b", p)])
+
+
+# --- BSS: Batch Spectral Shrinkage ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape, k", [((8, 20), 1), ((8, 20), 3), ((20, 6), 2), ((5, 5), 5)])
+def test_batch_spectral_shrinkage_is_the_sum_of_the_k_smallest_squared_singular_values(shape, k):
+    import numpy as np
+
+    from deltatl.regularizers import batch_spectral_shrinkage
+
+    features = torch.randn(*shape, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
+    singular = np.linalg.svd(features.numpy(), compute_uv=False)  # descending
+    expected = float(np.sum(np.sort(singular)[:k] ** 2))
+    assert batch_spectral_shrinkage(features, k).item() == pytest.approx(expected, rel=1e-5)
+    # the authors' computation: a full SVD of F^T, the last singular values
+    _, s, _ = torch.linalg.svd(features.t().float())
+    assert batch_spectral_shrinkage(features, k).item() == pytest.approx(s[-k:].square().sum().item(), rel=1e-5)
+
+
+def test_batch_spectral_shrinkage_has_a_gradient_that_shrinks_the_smallest_direction():
+    from deltatl.regularizers import batch_spectral_shrinkage
+
+    features = torch.randn(6, 10, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    before = batch_spectral_shrinkage(features)
+    before.backward()
+    assert torch.isfinite(features.grad).all() and features.grad.abs().sum() > 0
+    with torch.no_grad():
+        after = batch_spectral_shrinkage(features - 0.1 * features.grad)
+    assert after < before
+    # flattened per image: (b, c, 1, 1) pooled maps are (b, c)
+    assert batch_spectral_shrinkage(features.detach().view(6, 10, 1, 1)) == batch_spectral_shrinkage(features.detach())
+
+
+def test_batch_spectral_shrinkage_refuses_a_k_beyond_the_rank():
+    from deltatl.regularizers import batch_spectral_shrinkage
+
+    with pytest.raises(ValueError, match="between 1 and min"):
+        batch_spectral_shrinkage(torch.randn(4, 10), k=5)

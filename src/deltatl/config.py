@@ -212,6 +212,9 @@ def default_alpha(method: str, reduction: str, model: str = EMBEDDED_MODEL) -> t
         if reduction == "sum" and model == EMBEDDED_MODEL:
             return EMBEDDED_DELTA_ALPHA, ("deltatl's calibration of the official term for the embedded "
                                           "EfficientNet-Lite0 at batch 32, chosen on its validation split (README)")
+    own = get_method(method).default_alpha
+    if own is not None:
+        return own, f"the default of {method}'s authors"
     return OFFICIAL_ALPHA, "the authors' default (tuned for ResNet-101, 224 px, batch 64)"
 
 

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from ..errors import DeltatlError
 from ..features import FeatureHooks
 from ..methods import METHODS, Method, Term, get_method
-from ..models import split_parameters
+from ..models import head_module, split_parameters
 from ..regularizers import FeatureMapDistance, Regularizer, Setup, StepInputs, build_regularizer
 
 __all__ = ["METHODS", "Method", "Objective", "SOURCE_BN_MODES", "Term", "get_method"]
@@ -98,6 +98,9 @@ class Objective(nn.Module):
         for term, module in self._terms:
             self.add_module(module.key, module)
         self.layers: tuple[str, ...] = tuple(dict.fromkeys(n for _, m in self._terms for n in m.source_layers))
+        self._head_input: Tensor | None = None
+        if any(m.reads_head_input for _, m in self._terms):
+            head_module(model).register_forward_pre_hook(self._record_head_input)
         self.source: nn.Module | None = None
         if self.layers:
             # The source is a frozen copy of the pretrained network: eval mode (BatchNorm running
@@ -114,6 +117,9 @@ class Objective(nn.Module):
             self._source_calls = 0
             for name in self.layers:
                 self.source.get_submodule(name).register_forward_hook(self._stop_source_early)
+
+    def _record_head_input(self, _module: nn.Module, args: tuple[Tensor, ...]) -> None:
+        self._head_input = args[0]
 
     def _stop_source_early(self, _module: nn.Module, _args: object, _output: object) -> None:
         # Runs after the FeatureHooks hook of the same module (registered later), so the output is kept.
@@ -214,7 +220,9 @@ class Objective(nn.Module):
         terms: dict[str, Tensor] = {}
         if aux_logits is not None and self.aux_weight:
             terms["aux/ce"] = self.aux_weight * F.cross_entropy(aux_logits, labels)
-        inputs = StepInputs(images, labels, logits, self.target_hooks.pop() if self.source is not None else {}, source)
+        head_input, self._head_input = self._head_input, None
+        inputs = StepInputs(images, labels, logits, self.target_hooks.pop() if self.source is not None else {}, source,
+                            head_input)
         for term, module in self._terms:
             weight = self.alpha if term.weight == "alpha" else self.beta
             if weight or term.weight == "alpha":  # a head term at beta 0 is skipped (not logged)

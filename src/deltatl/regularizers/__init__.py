@@ -5,14 +5,15 @@
 - :mod:`.base`: what a registered term is (:class:`Regularizer`, :class:`Setup`, :class:`StepInputs`)
   and the registry :data:`REGULARIZERS`.
 - one file per term: :mod:`.starting_point` (``l2sp``), :mod:`.feature_maps` (``delta``),
-  :mod:`.head` (``head``).
+  :mod:`.head` (``head``), :mod:`.spectral` (``bss``).
 """
 from .base import REGULARIZERS, Regularizer, Setup, StepInputs, build_regularizer, register
 from .feature_maps import FeatureMapDistance
 from .functional import DELTA_REDUCTIONS, delta_distance, l2_penalty, l2sp_penalty, source_energy
 from .head import HeadL2
+from .spectral import BatchSpectralShrinkage, batch_spectral_shrinkage
 from .starting_point import L2SP
 
-__all__ = ["DELTA_REDUCTIONS", "L2SP", "REGULARIZERS", "FeatureMapDistance", "HeadL2", "Regularizer", "Setup",
-           "StepInputs", "build_regularizer", "delta_distance", "l2_penalty", "l2sp_penalty", "register",
-           "source_energy"]
+__all__ = ["DELTA_REDUCTIONS", "L2SP", "REGULARIZERS", "BatchSpectralShrinkage", "FeatureMapDistance", "HeadL2",
+           "Regularizer", "Setup", "StepInputs", "batch_spectral_shrinkage", "build_regularizer", "delta_distance",
+           "l2_penalty", "l2sp_penalty", "register", "source_energy"]

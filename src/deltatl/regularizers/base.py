@@ -4,7 +4,8 @@ A regularizer is an ``nn.Module`` registered under a ``key`` (logged as ``reg/<k
 once from a :class:`Setup` (the target network, its backbone and head parameters, the method's
 options) and says what it needs each step through ``source_layers``: the layers whose feature maps,
 target's and frozen source's, it reads. The objective gathers what all its terms need once per step
-(one source forward, one set of hooks) into :class:`StepInputs` and calls each term with its weight.
+(one source forward, one set of hooks, the classifier's input) into :class:`StepInputs` and calls
+each term with its weight.
 
 Adding a regularizer is one file with one ``@register`` class, plus its name in a method's terms
 (:mod:`deltatl.methods`).
@@ -48,6 +49,8 @@ class StepInputs:
         target_features / source_features: layer -> feature map of the target (with gradient) and of
             the frozen source (constant), for the union of the terms' ``source_layers``; empty when
             no term needs them.
+        head_features: what entered the target's classifier (with gradient), when a term sets
+            ``reads_head_input``; else None.
     """
 
     images: Tensor
@@ -55,6 +58,7 @@ class StepInputs:
     logits: Tensor
     target_features: Mapping[str, Tensor] = field(default_factory=dict)
     source_features: Mapping[str, Tensor] = field(default_factory=dict)
+    head_features: Tensor | None = None  # the classifier's input (b x d), when a term reads it
 
 
 class Regularizer(nn.Module):
@@ -63,6 +67,8 @@ class Regularizer(nn.Module):
     key: ClassVar[str]
     #: layers whose target and source feature maps the term reads each step (none: no source network)
     source_layers: tuple[str, ...] = ()
+    #: whether the term reads the classifier's input features (``StepInputs.head_features``)
+    reads_head_input: bool = False
 
     @classmethod
     def build(cls, setup: Setup) -> "Regularizer":
