@@ -79,6 +79,16 @@ class DistEnv:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
+    def gather_batch(self, tensor: Tensor) -> Tensor:
+        """Collective, differentiable: the processes' equal-sized batches concatenated in rank order
+        (the single-process global batch, as :class:`deltatl.engine.fit.EpochSampler` slices it).
+
+        For a term of the whole global batch that every process computes alike (BSS's singular values):
+        the backward sums every process's gradient for this process's rows, so after DDP averages the
+        parameter gradients the step is the single-process step on the global batch.
+        """
+        return _AllGather.apply(tensor) if self.enabled else tensor
+
     def any(self, flag: bool, device: torch.device) -> bool:
         """Collective: whether ``flag`` is true on at least one process (one small all-reduce; on a
         CUDA device this waits for the queued work, so call it where the loop syncs anyway)."""
@@ -222,6 +232,25 @@ class _AllReduceSum(torch.autograd.Function):
         grad = grad.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         return grad
+
+
+class _AllGather(torch.autograd.Function):
+    """``cat`` of every process's tensor (same shape everywhere); the gradient of this process's rows is
+    the sum over the processes of the incoming gradients for them."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor) -> Tensor:  # noqa: D102
+        parts = [torch.empty_like(tensor, memory_format=torch.contiguous_format)
+                 for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        ctx.rows, ctx.rank = tensor.shape[0], dist.get_rank()
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:  # noqa: D102
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
 
 
 def _global_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: Tensor) -> Tensor:

@@ -314,4 +314,5 @@ def build_objective(config: TrainConfig, model: torch.nn.Module, train_set: Tran
                      channel_weights=weights, reduction=config.delta_reduction, source_bn=config.delta_source_bn,
                      distance_scale=1.0 if config.delta_reduction == "mean" else dist.world_size,
                      energy_sum=dist.all_reduce_sum_ if dist.enabled else None,
+                     batch_gather=dist.gather_batch if dist.enabled else None,
                      aux_weight=config.aux_weight)

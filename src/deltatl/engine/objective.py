@@ -61,6 +61,9 @@ class Objective(nn.Module):
             or ``"relative"``, so that a global batch means the same on one process or many.
         energy_sum: ``"relative"`` under DDP: sums a tensor over the processes in place (the
             denominators then are those of the global batch); None in a single process.
+        batch_gather: under DDP, the global batch of a per-process tensor, differentiable
+            (:meth:`deltatl.distributed.DistEnv.gather_batch`), for terms of the whole batch (BSS);
+            None in a single process.
         aux_weight: weight of the auxiliary classifier's cross-entropy when the model returns
             ``(logits, aux_logits)`` in training mode (Inception-V3 with its aux head kept, see
             :mod:`deltatl.models`); logged as ``aux/ce``, already weighted. 0 ignores the aux output.
@@ -74,7 +77,8 @@ class Objective(nn.Module):
                  layers: Sequence[str] | None = None, channel_weights: Mapping[str, Tensor] | None = None,
                  reduction: str = "sum", source_bn: str = "running", freeze_bn: bool = True,
                  distance_scale: float = 1.0, aux_weight: float = 0.0,
-                 energy_sum: Callable[[Tensor], Tensor] | None = None):
+                 energy_sum: Callable[[Tensor], Tensor] | None = None,
+                 batch_gather: Callable[[Tensor], Tensor] | None = None):
         super().__init__()
         if source_bn not in SOURCE_BN_MODES:
             raise DeltatlError(f"source BatchNorm mode must be one of {', '.join(SOURCE_BN_MODES)}, got {source_bn!r}")
@@ -90,7 +94,8 @@ class Objective(nn.Module):
             for _, param in shared:
                 param.requires_grad_(False)
         options = {**self.method.options, "method": method, "layers": layers, "channel_weights": channel_weights,
-                   "reduction": reduction, "distance_scale": distance_scale, "energy_sum": energy_sum}
+                   "reduction": reduction, "distance_scale": distance_scale, "energy_sum": energy_sum,
+                   "batch_gather": batch_gather}
         setup = Setup(model, tuple(shared), tuple(private), options)
         # Each term is a submodule named by its key (its state, e.g. l2sp.anchor__*, is checkpointed).
         self._terms: tuple[tuple[Term, Regularizer], ...] = tuple(

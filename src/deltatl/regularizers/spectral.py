@@ -10,6 +10,8 @@ image of the batch) and :math:`\sigma_{-i}` its i-th smallest singular value. Th
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -39,25 +41,26 @@ def batch_spectral_shrinkage(features: Tensor, k: int = 1) -> Tensor:
 class BatchSpectralShrinkage(Regularizer):
     """``weight * batch_spectral_shrinkage(F, k)`` on the classifier's input ``F``.
 
-    Under DDP each process shrinks its own slice of the global batch (singular values do not add up
-    over processes); DDP then averages the gradients.
+    Singular values do not add up over the slices of a batch, so under DDP the features of the global
+    batch are gathered first (``gather``: :meth:`deltatl.distributed.DistEnv.gather_batch`,
+    differentiable), and N processes take exactly the single-process step on the global batch.
     """
 
     key = "bss"
     reads_head_input = True
 
-    def __init__(self, k: int = 1):
+    def __init__(self, k: int = 1, gather: Callable[[Tensor], Tensor] | None = None):
         super().__init__()
         if k < 1:
             raise DeltatlError(f"BSS's k must be at least 1, got {k}")
-        self.k = k
+        self.k, self.gather = k, gather
 
     @classmethod
     def build(cls, setup: Setup) -> "BatchSpectralShrinkage":
-        return cls(int(setup.options.get("bss_k", 1)))
+        return cls(int(setup.options.get("bss_k", 1)), setup.options.get("batch_gather"))
 
     def forward(self, inputs: StepInputs, weight: float) -> Tensor:
         if inputs.head_features is None:
             raise RuntimeError("BSS needs the classifier's input features; the objective did not record them")
-        features = inputs.head_features
+        features = inputs.head_features if self.gather is None else self.gather(inputs.head_features)
         return weight * batch_spectral_shrinkage(features, min(self.k, min(features.flatten(1).shape)))
