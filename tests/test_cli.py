@@ -236,3 +236,33 @@ def test_bss_runs_resumes_and_compares_like_any_method(cli, image_folder, tmp_pa
     table = (tmp_path / "cmp" / "results.md").read_text()
     assert re.search(r"^\| bss \| 0\.0(01|1) \| ", table, re.M), table  # alpha chosen on the grid
     assert re.search(r"^\| bss \| l2 \| 2 \| ", table, re.M), table  # paired with l2
+
+
+def test_lp_ft_starts_fine_tuning_from_the_linear_probe_head(cli, image_folder, tmp_path, monkeypatch):
+    """The head that fine-tuning starts from is the probe's (rank 0's L2-FE fit), the backbone the source's."""
+    import deltatl.run
+    from deltatl.models import head_module, split_parameters
+
+    started = {}
+    fit = deltatl.run.fit
+
+    def recording_fit(objective, *args, **kwargs):
+        started["head"] = {k: v.clone() for k, v in head_module(objective.model).state_dict().items()}
+        started["backbone"] = {n: p.detach().clone() for n, p in split_parameters(objective.model)[0]}
+        return fit(objective, *args, **kwargs)
+
+    monkeypatch.setattr(deltatl.run, "fit", recording_fit)
+    run = tmp_path / "lp"
+    flags = ["--data", image_folder(), *TINY_TRAIN_ARGS, "--method", "lp-ft", "--attention-epochs", "2",
+             "--attention-batch-size", "4", "--out", run]
+    result = cli("train", *flags)
+    assert result.code == 0, result.err
+    probe = torch.load(run / "linear_probe" / "checkpoint.pt", weights_only=True)
+    assert probe["done"] and probe["step"] == 2 * (18 // 4)
+    for key, value in started["head"].items():
+        assert torch.equal(value, probe["model"][f"fc.{key}"]), key
+    source = {n: p for n, p in split_parameters(load_trained(run)[0])[0]}  # after fine-tuning: moved
+    assert any(not torch.equal(started["backbone"][n], source[n]) for n in source)
+    assert all(torch.equal(started["backbone"][n], probe["model"][n]) for n in started["backbone"])  # frozen in the probe
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["attention_epochs"] == 2 and "attention_temperature" not in config and "alpha" not in config

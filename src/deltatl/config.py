@@ -185,8 +185,10 @@ class TrainConfig:
                 skip |= {"beta"}
             if not method.feature_maps:
                 skip |= {f.name for f in fields(self) if f.name.startswith("delta_")}
-            if not method.attention:
-                skip |= {f.name for f in fields(self) if f.name.startswith("attention_")}
+            if not method.attention:  # LP-FT's probe is the attention's L2-FE fit: it keeps its settings
+                probe = {"attention_epochs", "attention_lr", "attention_batch_size", "attention_bn_train"}
+                skip |= {f.name for f in fields(self) if f.name.startswith("attention_")
+                         and not (method.linear_probe and f.name in probe)}
         values = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
         if "alpha" in values and method is not None:
             values["alpha"] = self.resolved_alpha()

@@ -8,11 +8,14 @@ method          loss                                                            
 ``l2-sp``       CE + alpha * sum_shared 0.5||w - w*||^2 + beta * 0.5||head||^2   0
 ``delta-noatt`` CE + alpha * Omega_fm (uniform channels) + beta * 0.5||head||^2  0
 ``delta``       CE + alpha * Omega_att (channel attention) + beta * 0.5||head||^2  0
+``lp-ft``       CE, starting from a linearly probed head                         1e-4
 ``bss``         CE + alpha * sum of the k smallest sigma^2 of the batch features  1e-4
 ==============  ===============================================================  ============
 
-``bss`` is Batch Spectral Shrinkage (Chen et al., NeurIPS 2019), beyond the DELTA paper: alpha is its
-eta, 0.001 by default as its authors', k = 1.
+Beyond the papers: ``lp-ft`` (Kumar et al., ICLR 2022) first trains the new head on the frozen backbone
+(the same L2-FE fit as DELTA's attention, :func:`deltatl.attention.fit_linear_probe`), then fine-tunes
+everything from it; ``bss`` is Batch Spectral Shrinkage (Chen et al., NeurIPS 2019): alpha is its eta,
+0.001 by default as its authors', k = 1.
 
 Each term names a registered regularizer (:data:`deltatl.regularizers.REGULARIZERS`) and which of the
 run's weights multiplies it (``alpha``, ``beta``); a method's options reach the regularizers it uses
@@ -46,6 +49,8 @@ class Method:
     weight_decay: float
     terms: tuple[Term, ...] = ()
     freeze_backbone: bool = False
+    # LP-FT: the head starts from a linear probe (the L2-FE fit channel attention also trains)
+    linear_probe: bool = False
     description: str = ""
     # alpha when --alpha is not given, if the method's authors chose one (else deltatl.config.default_alpha's)
     default_alpha: float | None = None
@@ -90,6 +95,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            description="feature maps kept close to the source's, all channels alike, L2 on the head"),
     Method("delta", 0.0, (Term("delta", "alpha", MappingProxyType({"attention": True})), Term("head", "beta")),
            description="feature maps kept close to the source's, weighted by supervised channel attention"),
+    Method("lp-ft", 1e-4, linear_probe=True,
+           description="linear probe (the L2-FE fit), then every layer fine-tuned from the probed head"),
     Method("bss", 1e-4, (Term("bss", "alpha", MappingProxyType({"bss_k": 1})),), default_alpha=0.001,
            description="weight decay, and the smallest singular value of the batch's features shrunk (BSS)"),
 )}

@@ -18,7 +18,7 @@ import torch
 from .config import TrainConfig, default_alpha, dump_yaml, read_run_config
 from .data import DATASETS, DataSplits, TransformedImages, load_splits
 from .attention import (cache_key, cached_channel_attention, check_replaceable_scores, estimate_channel_attention,
-                        layer_channels, normalize_scores, read_scores, write_scores)
+                        fit_linear_probe, layer_channels, normalize_scores, read_scores, write_scores)
 from .data.folds import fold_splits
 from .data.transforms import evaluation_transform, train_transform
 from .distributed import SINGLE, DistEnv, init_from_env
@@ -195,6 +195,8 @@ def train_run(config: TrainConfig, *, resume: bool = False, progress: bool = Tru
     evaluation = evaluation_transform(config.image_size, pre, config.resize, config.keep_aspect, config.ten_crop)
     val_set = TransformedImages(splits.val, evaluation)
     test_set = TransformedImages(splits.test, evaluation)
+    if method.linear_probe:
+        probe_head(config, model, train_set, run_dir, device, progress, dist)
     objective = build_objective(config, model, train_set, run_dir, device, progress, dist)
     run_info = {"method": config.method, "model": config.model, "data": config.data, "rifle": config.rifle,
                 "alpha": config.resolved_alpha(),
@@ -282,6 +284,25 @@ def channel_attention_scores_for(config: TrainConfig, model: torch.nn.Module, la
     with suspended(model):
         return cached_channel_attention(config.attention_cache, key, layers,
                                         channels, compute, fields)
+
+
+def probe_head(config: TrainConfig, model: torch.nn.Module, train_set: TransformedImages, run_dir: str,
+               device: torch.device, progress: bool, dist: DistEnv = SINGLE) -> None:
+    """LP-FT's first stage: ``model``'s head replaced, in place, by a linear probe's.
+
+    The probe is the L2-FE fit of the channel attention (its ``--attention-*`` settings), on a copy of
+    the model (its backbone, BatchNorm statistics included, stays the pretrained one), run by rank 0
+    in ``run_dir/linear_probe`` (resumable; reused once finished) and sent to every process.
+    """
+    def probe() -> dict[str, torch.Tensor]:
+        fitted = fit_linear_probe(model, train_set, work_dir=os.path.join(run_dir, "linear_probe"), device=device,
+                                  seed=config.seed, epochs=config.attention_epochs, lr=config.attention_lr,
+                                  batch_size=config.attention_batch_size, bn_train=config.attention_bn_train,
+                                  num_workers=config.workers, progress=progress)
+        return {k: v.cpu() for k, v in head_module(fitted).state_dict().items()}
+
+    with suspended(model):  # the comparison tricks belong to the fine-tuning, not to the probe
+        head_module(model).load_state_dict(dist.on_rank0(probe))
 
 
 def alpha_origin(config: TrainConfig) -> str | None:

@@ -53,14 +53,9 @@ def estimate_channel_attention(model: nn.Module, layers: Sequence[str], train: T
         train: the training split with the training augmentation.
         work_dir: where the L2-FE run keeps its checkpoint, so an interrupted estimate resumes.
     """
-    fe_model = copy.deepcopy(model)
-    objective = Objective(fe_model, "l2-fe", freeze_bn=not bn_train)
-    steps = epochs * epoch_steps(len(train), batch_size)
-    # schedule "exp" multiplies the lr once per epoch so that it reaches / 10 after decay_fraction *
-    # epochs epochs: the official ExponentialLR's / 10 every 6 epochs, whatever the number of epochs.
-    fit(objective, train, None, None, run_dir=work_dir, total_steps=steps, batch_size=batch_size, lr=lr,
-        weight_decay=1e-4, schedule="exp", decay_fraction=OFFICIAL_EPOCHS_PER_TENTH / epochs, device=device, seed=seed,
-        num_workers=num_workers, resume=True, progress=progress, run_info={"method": "l2-fe (attention)"})
+    fe_model = fit_linear_probe(model, train, work_dir=work_dir, device=device, seed=seed, epochs=epochs, lr=lr,
+                                batch_size=batch_size, bn_train=bn_train, num_workers=num_workers,
+                                progress=progress, purpose="attention")
     # The first K batches of a fixed epoch of the training order, with train augmentation.
     sampler = EpochSampler(len(train), seed, epoch=0)
     loader = DataLoader(train, batch_size=batch_size, sampler=sampler, num_workers=num_workers)
@@ -71,6 +66,27 @@ def estimate_channel_attention(model: nn.Module, layers: Sequence[str], train: T
         if len(batches) == num_batches:
             break
     return channel_attention_scores(fe_model, list(layers), batches, method=method, progress=progress)
+
+
+def fit_linear_probe(model: nn.Module, train: TransformedImages, *, work_dir: str, device: torch.device,
+                     seed: int = 0, epochs: int = 10, lr: float = 0.01, batch_size: int = 32, bn_train: bool = True,
+                     num_workers: int = 0, progress: bool = True, purpose: str = "linear probe") -> nn.Module:
+    """The official L2-FE fit on a copy of ``model`` (``model`` is not modified); returns the fitted copy.
+
+    The backbone is frozen and a new head trains (``channel_eval.py``: SGD momentum 0.9, weight decay
+    1e-4, ExponentialLR / 10 every 6 epochs stepped per epoch; BatchNorm statistics adapt with
+    ``bn_train``, as the official code let them). Resumable in ``work_dir``: a finished fit is reused.
+    Channel attention scores this model; LP-FT starts its fine-tuning from its head.
+    """
+    fe_model = copy.deepcopy(model)
+    objective = Objective(fe_model, "l2-fe", freeze_bn=not bn_train)
+    steps = epochs * epoch_steps(len(train), batch_size)
+    # schedule "exp" multiplies the lr once per epoch so that it reaches / 10 after decay_fraction *
+    # epochs epochs: the official ExponentialLR's / 10 every 6 epochs, whatever the number of epochs.
+    fit(objective, train, None, None, run_dir=work_dir, total_steps=steps, batch_size=batch_size, lr=lr,
+        weight_decay=1e-4, schedule="exp", decay_fraction=OFFICIAL_EPOCHS_PER_TENTH / epochs, device=device, seed=seed,
+        num_workers=num_workers, resume=True, progress=progress, run_info={"method": f"l2-fe ({purpose})"})
+    return fe_model
 
 
 def cached_channel_attention(cache_dir: str | None, key: str, layers: Sequence[str],
