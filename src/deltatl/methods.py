@@ -9,12 +9,14 @@ method          loss                                                            
 ``delta-noatt`` CE + alpha * Omega_fm (uniform channels) + beta * 0.5||head||^2  0
 ``delta``       CE + alpha * Omega_att (channel attention) + beta * 0.5||head||^2  0
 ``lp-ft``       CE, starting from a linearly probed head                         1e-4
+``wise-ft``     LP-FT, then (1 - a) theta_probe + a theta_ft, a on validation       1e-4
 ``bss``         CE + alpha * sum of the k smallest sigma^2 of the batch features  1e-4
 ==============  ===============================================================  ============
 
 Beyond the papers: ``lp-ft`` (Kumar et al., ICLR 2022) first trains the new head on the frozen backbone
 (the same L2-FE fit as DELTA's attention, :func:`deltatl.attention.fit_linear_probe`), then fine-tunes
-everything from it; ``bss`` is Batch Spectral Shrinkage (Chen et al., NeurIPS 2019): alpha is its eta,
+everything from it; ``wise-ft`` (Wortsman et al., CVPR 2022) then interpolates the weights between
+that start and the fine-tuned end (:mod:`deltatl.engine.weight_ensemble`); ``bss`` is Batch Spectral Shrinkage (Chen et al., NeurIPS 2019): alpha is its eta,
 0.001 by default as its authors', k = 1.
 
 Each term names a registered regularizer (:data:`deltatl.regularizers.REGULARIZERS`) and which of the
@@ -51,6 +53,8 @@ class Method:
     freeze_backbone: bool = False
     # LP-FT: the head starts from a linear probe (the L2-FE fit channel attention also trains)
     linear_probe: bool = False
+    # WiSE-FT: the final model interpolates the probe's start and the fine-tuned end (mixing on validation)
+    weight_ensemble: bool = False
     description: str = ""
     # alpha when --alpha is not given, if the method's authors chose one (else deltatl.config.default_alpha's)
     default_alpha: float | None = None
@@ -97,6 +101,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            description="feature maps kept close to the source's, weighted by supervised channel attention"),
     Method("lp-ft", 1e-4, linear_probe=True,
            description="linear probe (the L2-FE fit), then every layer fine-tuned from the probed head"),
+    Method("wise-ft", 1e-4, linear_probe=True, weight_ensemble=True,
+           description="LP-FT, then the weights interpolated between its start and end, mixing chosen on validation"),
     Method("bss", 1e-4, (Term("bss", "alpha", MappingProxyType({"bss_k": 1})),), default_alpha=0.001,
            description="weight decay, and the smallest singular value of the batch's features shrunk (BSS)"),
 )}

@@ -22,14 +22,18 @@ from .attention import (cache_key, cached_channel_attention, check_replaceable_s
 from .data.folds import fold_splits
 from .data.transforms import evaluation_transform, train_transform
 from .distributed import SINGLE, DistEnv, init_from_env
-from .engine.fit import CHECKPOINT, SUMMARY, epoch_steps, fit
+from .engine import checkpoint as ckpt
+from .engine.evaluate import evaluate
+from .engine.fit import CHECKPOINT, METRICS, SUMMARY, epoch_steps, fit
 from .engine.objective import Objective
 from .engine.rifle import Rifle, RifleWarning, rifle_steps, rifle_warnings
 from .engine.schedule import CYCLIC, step_decay_at
 from .engine.tricks import DisturbLabel, check_stochastic_depth, install_head_regularization, suspended
+from .engine.weight_ensemble import choose_mixing
 from .errors import DeltatlError
 from .features import layer_preset
 from .methods import get_method
+from .outputs import atomic_open
 from .models import create_model, head_module, head_name, preprocessing, resolve_pretrained
 
 # Few-shot default of a named dataset when --train-per-class is not given (the embedded default job).
@@ -195,14 +199,23 @@ def train_run(config: TrainConfig, *, resume: bool = False, progress: bool = Tru
     evaluation = evaluation_transform(config.image_size, pre, config.resize, config.keep_aspect, config.ten_crop)
     val_set = TransformedImages(splits.val, evaluation)
     test_set = TransformedImages(splits.test, evaluation)
+    start: dict[str, torch.Tensor] = {}  # WiSE-FT's theta_0: the probe model
     if method.linear_probe:
-        probe_head(config, model, train_set, run_dir, device, progress, dist)
+        start = probe_head(config, model, train_set, run_dir, device, progress, dist)
+    # WiSE-FT: the fine-tuning is a run of its own in a subfolder; the run's files are the ensemble's
+    fit_dir = os.path.join(run_dir, "fine_tuned") if method.weight_ensemble else run_dir
+    if method.weight_ensemble:
+        if not resume and os.path.isfile(os.path.join(fit_dir, CHECKPOINT)):
+            raise DeltatlError(f"{run_dir} holds an unfinished run of this config; pass --resume to continue it")
+        if not len(splits.val):
+            raise DeltatlError("wise-ft chooses its mixing coefficient on the validation split: give "
+                               "--val-per-class or --val-fraction")
     objective = build_objective(config, model, train_set, run_dir, device, progress, dist)
     run_info = {"method": config.method, "model": config.model, "data": config.data, "rifle": config.rifle,
                 "alpha": config.resolved_alpha(),
                 "alpha_from": alpha_origin(config),
                 "classes": splits.classes, "config": config.result_fields()}
-    return fit(objective, train_set, val_set, test_set, run_dir=run_dir,
+    summary = fit(objective, train_set, val_set, None if method.weight_ensemble else test_set, run_dir=fit_dir,
                total_steps=total_steps, batch_size=config.batch_size, lr=config.lr,
                momentum=config.momentum,
                weight_decay=method.weight_decay if config.weight_decay is None else config.weight_decay,
@@ -211,6 +224,37 @@ def train_run(config: TrainConfig, *, resume: bool = False, progress: bool = Tru
                eval_every=config.eval_every, rifle=rifle, resume=resume, progress=progress, run_info=run_info,
                dist=dist, amp=config.amp, channels_last=config.channels_last, compile_model=config.compile,
                sync_bn=config.sync_bn, disturb=disturb)
+    if not method.weight_ensemble:
+        return summary
+    return dist.on_rank0(lambda: finish_weight_ensemble(config, objective.model, start, summary, run_dir, fit_dir,
+                                                        val_set, test_set, device, progress))
+
+
+def finish_weight_ensemble(config: TrainConfig, model: torch.nn.Module, start: dict[str, torch.Tensor],
+                           summary: dict[str, Any], run_dir: str, fit_dir: str, val_set: TransformedImages,
+                           test_set: TransformedImages, device: torch.device, progress: bool) -> dict[str, Any]:
+    """WiSE-FT's last stage: the mixing coefficient on validation, the test split scored once with it,
+    the ensemble's weights in the run's checkpoint (what ``deltatl eval`` reads) and its summary."""
+    def scores(dataset: TransformedImages, desc: str) -> dict[str, float]:
+        return evaluate(model, dataset, batch_size=config.batch_size, device=device, num_workers=config.workers,
+                        desc=desc, progress=progress)
+
+    end = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    mixing, val_top1 = choose_mixing(model, {k: v.to(device) for k, v in start.items()}, end,
+                                     lambda m: scores(val_set, "val")["top1"])
+    val, test = scores(val_set, "val"), scores(test_set, "test")
+    state = ckpt.load(os.path.join(fit_dir, CHECKPOINT))
+    state["model"] = {k: v.cpu() for k, v in model.state_dict().items()}
+    ckpt.save_atomic(state, os.path.join(run_dir, CHECKPOINT))
+    with open(os.path.join(fit_dir, METRICS)) as f, atomic_open(os.path.join(run_dir, METRICS)) as out:
+        out.write(f.read())  # the fine-tuning's curves, for the report
+    summary = {**summary, "val_top1": val["top1"], "val_loss": val["loss"], "test_top1": test["top1"],
+               "test_loss": test["loss"],
+               "wise_ft": {"mixing": mixing, "val_top1": {f"{a:g}": v for a, v in val_top1.items()},
+                           "fine_tuned_val_top1": summary["val_top1"]}}
+    with atomic_open(os.path.join(run_dir, SUMMARY)) as f:
+        json.dump(summary, f, indent=2, allow_nan=False)
+    return summary
 
 
 def attention_run(config: TrainConfig, output: str, *, progress: bool = True) -> dict[str, torch.Tensor]:
@@ -287,11 +331,12 @@ def channel_attention_scores_for(config: TrainConfig, model: torch.nn.Module, la
 
 
 def probe_head(config: TrainConfig, model: torch.nn.Module, train_set: TransformedImages, run_dir: str,
-               device: torch.device, progress: bool, dist: DistEnv = SINGLE) -> None:
-    """LP-FT's first stage: ``model``'s head replaced, in place, by a linear probe's.
+               device: torch.device, progress: bool, dist: DistEnv = SINGLE) -> dict[str, torch.Tensor]:
+    """LP-FT's first stage: ``model``'s head replaced, in place, by a linear probe's; returns the whole
+    probe model's state (WiSE-FT's start: with BatchNorm statistics adapted when the probe's were).
 
     The probe is the L2-FE fit of the channel attention (its ``--attention-*`` settings), on a copy of
-    the model (its backbone, BatchNorm statistics included, stays the pretrained one), run by rank 0
+    the model (whose backbone, BatchNorm statistics included, stays the pretrained one), run by rank 0
     in ``run_dir/linear_probe`` (resumable; reused once finished) and sent to every process.
     """
     def probe() -> dict[str, torch.Tensor]:
@@ -299,10 +344,13 @@ def probe_head(config: TrainConfig, model: torch.nn.Module, train_set: Transform
                                   seed=config.seed, epochs=config.attention_epochs, lr=config.attention_lr,
                                   batch_size=config.attention_batch_size, bn_train=config.attention_bn_train,
                                   num_workers=config.workers, progress=progress)
-        return {k: v.cpu() for k, v in head_module(fitted).state_dict().items()}
+        return {k: v.detach().cpu().clone() for k, v in fitted.state_dict().items()}
 
     with suspended(model):  # the comparison tricks belong to the fine-tuning, not to the probe
-        head_module(model).load_state_dict(dist.on_rank0(probe))
+        state = dist.on_rank0(probe)
+    prefix = f"{head_name(model)}."
+    head_module(model).load_state_dict({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
+    return state
 
 
 def alpha_origin(config: TrainConfig) -> str | None:
