@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from .errors import DeltatlError
+from .modes import unwrap
 
 EMBEDDED_MODEL = "tf_efficientnet_lite0"
 TORCHVISION_PREFIX = "torchvision/"
@@ -198,7 +199,7 @@ def head_name(model: nn.Module) -> str:
 
     timm records it in ``pretrained_cfg['classifier']``; for other models it is the last ``nn.Linear``.
     """
-    model = getattr(model, "module", model)  # DDP
+    model = unwrap(model)
     modules = dict(model.named_modules())
     cfg_name = getattr(model, "pretrained_cfg", {}).get("classifier")
     if isinstance(cfg_name, str) and isinstance(modules.get(cfg_name), nn.Linear):
@@ -211,13 +212,13 @@ def head_name(model: nn.Module) -> str:
 
 def head_module(model: nn.Module) -> nn.Linear:
     """The classifier module itself."""
-    inner = getattr(model, "module", model)
+    inner = unwrap(model)
     return inner.get_submodule(head_name(inner))
 
 
 def aux_head_name(model: nn.Module) -> str | None:
     """``"AuxLogits.fc"`` when the model kept Inception-V3's auxiliary classifier, else None."""
-    inner = getattr(model, "module", model)
+    inner = unwrap(model)
     aux = getattr(inner, AUX_MODULE, None)
     return f"{AUX_MODULE}.fc" if aux is not None and isinstance(getattr(aux, "fc", None), nn.Linear) else None
 
@@ -225,7 +226,7 @@ def aux_head_name(model: nn.Module) -> str | None:
 def split_parameters(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
     """``(shared, private)`` named parameters: the source backbone's and the new head's (with the new
     last layer of a kept auxiliary classifier: it has no source weights either)."""
-    inner = getattr(model, "module", model)
+    inner = unwrap(model)
     prefixes = tuple(f"{n}." for n in (head_name(inner), aux_head_name(inner)) if n)
     shared, private = [], []
     for name, param in inner.named_parameters():
@@ -364,7 +365,7 @@ def create_model(name: str = EMBEDDED_MODEL, num_classes: int | None = None, *, 
 
 def preprocessing(model: nn.Module) -> Preprocessing:
     """Input normalisation the source weights expect (timm's pretrained_cfg, else ImageNet's)."""
-    cfg = getattr(getattr(model, "module", model), "pretrained_cfg", None) or {}
+    cfg = getattr(unwrap(model), "pretrained_cfg", None) or {}
     if "mean" in cfg and "std" in cfg:
         return Preprocessing(tuple(cfg["mean"]), tuple(cfg["std"]), cfg.get("interpolation", "bilinear"))
     return IMAGENET

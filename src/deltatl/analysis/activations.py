@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from ..errors import DeltatlError
 from ..features import FeatureHooks
+from ..modes import evaluating
 from .plotting import AnalysisResult, Table, fmt, new_figure, save_figure, write_json
 from .runs import Run, SampleImages, comparable_groups, map_layers, num_classes, start_model, trained_model
 
@@ -63,18 +64,13 @@ def minmax_normalize(maps: Tensor) -> Tensor:
 @torch.inference_mode()
 def layer_outputs(model: nn.Module, layers: Sequence[str], images: Tensor, batch_size: int = 32) -> dict[str, Tensor]:
     """The outputs of ``layers`` for ``images`` (eval mode), as float32 CPU tensors (N, C, H, W)."""
-    was_training = model.training
-    model.eval()
     parts: dict[str, list[Tensor]] = {name: [] for name in layers}
     device = next(model.parameters()).device
-    try:
-        with FeatureHooks(model, layers) as hooks:
-            for start in range(0, len(images), batch_size):
-                model(images[start:start + batch_size].to(device))
-                for name, value in hooks.pop().items():
-                    parts[name].append(value.float().cpu())
-    finally:
-        model.train(was_training)
+    with evaluating(model), FeatureHooks(model, layers) as hooks:
+        for start in range(0, len(images), batch_size):
+            model(images[start:start + batch_size].to(device))
+            for name, value in hooks.pop().items():
+                parts[name].append(value.float().cpu())
     return {name: torch.cat(values) for name, values in parts.items()}
 
 

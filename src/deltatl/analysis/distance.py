@@ -33,6 +33,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..errors import DeltatlError
+from ..modes import evaluating
 from .plotting import (AnalysisResult, Table, fmt, new_figure, plain_log_axis, run_styles, save_figure, write_csv,
                        write_json)
 from .runs import Run, comparable_groups, map_layers, num_classes, start_model, trained_model
@@ -84,16 +85,13 @@ def conv_order(model: nn.Module, image_size: int) -> list[str]:
         if isinstance(module, nn.Conv2d):
             handles.append(module.register_forward_hook(
                 lambda _m, _a, _o, name=name: order.append(name) if name not in order else None))
-    was_training = model.training
     try:
-        model.eval()
         param = next(model.parameters())
-        with torch.no_grad():
+        with evaluating(model), torch.no_grad():
             model(torch.zeros(1, 3, image_size, image_size, dtype=param.dtype, device=param.device))
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     # Convolutions that did not run (e.g. an auxiliary head in eval mode) are not part of any stage.
     return order
 

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from ..data import ImageCollection, TransformedImages
 from ..engine.fit import EpochSampler, epoch_steps, fit
 from ..engine.objective import Objective
+from ..modes import evaluating
 from .scores import channel_attention_scores, read_scores, write_scores
 
 OFFICIAL_EPOCHS_PER_TENTH = 6  # channel_eval.py: ExponentialLR(gamma=0.1 ** (1 / 6)), stepped per epoch
@@ -106,10 +107,6 @@ def layer_channels(model: nn.Module, layers: Sequence[str], image_size: int) -> 
     """Output channels of each tapped layer, from one small forward pass."""
     from ..features import FeatureHooks
 
-    was_training = model.training
-    model.eval()
-    with FeatureHooks(model, layers) as hooks, torch.no_grad():
+    with evaluating(model), FeatureHooks(model, layers) as hooks, torch.no_grad():
         model(torch.zeros(1, 3, image_size, image_size, device=next(model.parameters()).device))
-        shapes = {name: feat.shape[1] for name, feat in hooks.pop().items()}
-    model.train(was_training)
-    return shapes
+        return {name: feat.shape[1] for name, feat in hooks.pop().items()}

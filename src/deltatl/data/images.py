@@ -15,6 +15,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import DeltatlError
+from ..seeds import derived_seed
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -154,5 +155,5 @@ class TransformedImages(Dataset):
         if self.seed is None:
             return self.transform(img), self.images.targets[index]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
+            torch.manual_seed(derived_seed(self.seed, self.epoch) * 10_000_019 + index)  # 10_000_019: > any index
             return self.transform(img), self.images.targets[index]

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from ..distributed import SINGLE, DistEnv
+from ..modes import evaluating, unwrap
 
 
 def crop_logits(model: nn.Module, crops: torch.Tensor, autocast: Any = None,
@@ -46,9 +47,7 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int, device: tor
         amp_dtype: autocast dtype (bfloat16 / float16) or None; the loss is computed in float32.
         channels_last: feed the images in channels-last memory format.
     """
-    model = getattr(model, "module", model)  # never the DDP wrapper
-    was_training = model.training
-    model.eval()
+    model = unwrap(model)  # never the DDP wrapper
     shard = dataset if not dist.enabled else Subset(dataset, range(dist.rank, len(dataset), dist.world_size))
     loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
@@ -58,18 +57,18 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int, device: tor
     # correct, loss sum, images: one tensor so that DDP needs a single all-reduce.
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     hidden = not progress or not dist.is_primary
-    for images, labels in tqdm(loader, desc=desc, leave=False, disable=True if hidden else None, unit="batch"):
-        labels = labels.to(device, non_blocking=True)
-        if images.dim() == 5:  # (B, crops, 3, H, W): 10-crop testing, logits averaged over the crops
-            logits = crop_logits(model, images.to(device, non_blocking=True), autocast, fmt)
-        else:
-            images = images.to(device, non_blocking=True, memory_format=fmt)
-            with autocast:
-                logits = model(images)
-        sums[0] += (logits.argmax(dim=1) == labels).sum()
-        sums[1] += F.cross_entropy(logits.float(), labels, reduction="sum").double()
-        sums[2] += labels.numel()
-    model.train(was_training)
+    with evaluating(model):
+        for images, labels in tqdm(loader, desc=desc, leave=False, disable=True if hidden else None, unit="batch"):
+            labels = labels.to(device, non_blocking=True)
+            if images.dim() == 5:  # (B, crops, 3, H, W): 10-crop testing, logits averaged over the crops
+                logits = crop_logits(model, images.to(device, non_blocking=True), autocast, fmt)
+            else:
+                images = images.to(device, non_blocking=True, memory_format=fmt)
+                with autocast:
+                    logits = model(images)
+            sums[0] += (logits.argmax(dim=1) == labels).sum()
+            sums[1] += F.cross_entropy(logits.float(), labels, reduction="sum").double()
+            sums[2] += labels.numel()
     dist.all_reduce_sum_(sums)
     correct, loss_sum, n = sums.tolist()  # the only host sync
     n = int(n)

@@ -54,6 +54,7 @@ from ..distributed import SINGLE, DistEnv, convert_sync_batchnorm
 from ..errors import DeltatlError
 from ..models import head_module
 from ..outputs import atomic_open
+from ..seeds import SEED_STRIDE, derived_seed
 from . import checkpoint as ckpt
 from .evaluate import evaluate
 from .hooks import StepContext, StepHook
@@ -68,7 +69,7 @@ SUMMARY = "summary.json"
 AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Process r of a DDP run seeds its global RNG (dropout) with seed + r * stride: the processes draw
 # different dropout masks for their different images, and rank 0 draws those of a single-process run.
-RANK_SEED_STRIDE = 1_000_003
+RANK_SEED_STRIDE = SEED_STRIDE
 
 
 class Interrupted(Exception):
@@ -350,7 +351,7 @@ class _Loop:
         # uninterrupted run, which would shift every later dropout / drop-path draw.
         return DataLoader(self.train_set, batch_size=self.batch_size, drop_last=self.drop_last, sampler=sampler,
                           num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
-                          generator=torch.Generator().manual_seed(self.seed * RANK_SEED_STRIDE + epoch))
+                          generator=torch.Generator().manual_seed(derived_seed(self.seed, epoch)))
 
     def context(self) -> StepContext:
         return StepContext(self.state.step, self.total_steps, self.optimizer, self.dist.rank, self.world)

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..errors import DeltatlError
 from ..models import init_head_
+from ..seeds import derived_seed
 from .hooks import StepContext, StepHook, param_group
 
 
@@ -113,8 +114,7 @@ class Rifle(StepHook):
         if step not in self.steps:
             return False
         event = self.steps.index(step)
-        generator = torch.Generator(device=self.head.weight.device).manual_seed(
-            self.seed * 1_000_003 + event + 1)
+        generator = torch.Generator(device=self.head.weight.device).manual_seed(derived_seed(self.seed, event + 1))
         init_head_(self.head, self.init, generator)
         if self.reset_momentum:
             for param in self.head.parameters():
