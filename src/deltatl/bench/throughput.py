@@ -17,11 +17,10 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from ..data import ArrayImages, TransformedImages
 from ..data.transforms import train_transform
-from ..engine.fit import EpochSampler, autocast_networks
+from ..engine.fit import autocast_networks, epoch_loader
 from ..models import IMAGENET
 from .common import Bench, calibrated, interleaved, log, median, per_call, round_ratios, spread
 from .training import ModelSetup, Trainer, default_pretrained
@@ -106,9 +105,8 @@ def loader(bench: Bench, l2_step_s: float | None) -> None:
     def epoch(workers: int) -> dict[str, float]:
         # As fit(): a new DataLoader (so new worker processes) every epoch.
         start = time.perf_counter()
-        loader_ = DataLoader(dataset, batch_size=a.batch_size, drop_last=True,
-                             sampler=EpochSampler(n, a.seed, 0), num_workers=workers,
-                             pin_memory=device.type == "cuda")
+        loader_ = epoch_loader(dataset, batch_size=a.batch_size, seed=a.seed, epoch=0, num_workers=workers,
+                               device=device)
         first = None
         for x, y in loader_:
             x.to(device, non_blocking=True), y.to(device, non_blocking=True)

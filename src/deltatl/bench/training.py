@@ -10,20 +10,18 @@ already on the device: the sections time the step, not data loading (see the ``l
 from __future__ import annotations
 
 import copy
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
-from ..attention import normalize_scores
+from ..attention import layer_channels, normalize_scores
 from ..config import TrainConfig
-from ..attention import layer_channels
-from ..engine.fit import train_step
+from ..engine.fit import make_optimizer, running_sums, train_step
 from ..engine.objective import Objective
-from ..methods import get_method
 from ..features import layer_preset
+from ..methods import get_method
 from ..models import EMBEDDED_MODEL, create_model
 from .common import (Bench, calibrated, interleaved, log, median, per_call, resident_tensors, round_ratios,
                      spread, step_memory, tensor_bytes)
@@ -86,11 +84,9 @@ class ModelSetup:
         if self.channels_last:
             objective.to(memory_format=torch.channels_last)
         objective.train()
-        optimizer = torch.optim.SGD(objective.param_groups(), lr=d.lr, momentum=d.momentum,
-                                    weight_decay=spec.weight_decay)
+        optimizer = make_optimizer(objective, d.lr, d.momentum, spec.weight_decay)
         scaler = torch.amp.GradScaler(self.device.type, enabled=False)
-        sums: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64, device=self.device))
-        return Trainer(method, objective, optimizer, scaler, sums)
+        return Trainer(method, objective, optimizer, scaler, running_sums(self.device))
 
     def source(self) -> nn.Module:
         """A frozen copy of the source network without DELTA's hooks (for a whole forward)."""

@@ -190,6 +190,34 @@ def train_step(objective: Objective, optimizer: torch.optim.Optimizer, scaler: t
     return out
 
 
+def epoch_loader(train_set: Dataset, *, batch_size: int, seed: int, epoch: int, start: int = 0,
+                 num_workers: int = 0, device: torch.device = torch.device("cpu"), rank: int = 0,
+                 world_size: int = 1, drop_last: bool = True) -> DataLoader:
+    """The training batches of ``epoch`` from its ``start``-th step on, as :func:`fit` reads them.
+
+    The order is :class:`EpochSampler`'s (a function of ``(seed, epoch)``; under DDP this process's
+    slice of every global batch). The loader has its own generator: a DataLoader draws its workers'
+    base seed when an iterator starts, from the global RNG otherwise, and a run resumed mid-epoch
+    starts one more iterator than the uninterrupted run, which would shift every later dropout draw.
+    """
+    sampler = EpochSampler(len(train_set), seed, epoch, start * batch_size * world_size, batch_size=batch_size,
+                           rank=rank, world_size=world_size)
+    return DataLoader(train_set, batch_size=batch_size, drop_last=drop_last, sampler=sampler,
+                      num_workers=num_workers, pin_memory=device.type == "cuda",
+                      generator=torch.Generator().manual_seed(derived_seed(seed, epoch)))
+
+
+def make_optimizer(objective: Objective, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
+    """The papers' SGD over the objective's parameter groups, named ``backbone`` and ``head`` (RIFLE's
+    hook addresses the head's by name)."""
+    return torch.optim.SGD(objective.param_groups(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def running_sums(device: torch.device) -> dict[str, Tensor]:
+    """The per-epoch sums :func:`train_step` accumulates: float64 zeros on ``device``, created on demand."""
+    return defaultdict(lambda: torch.zeros((), dtype=torch.float64, device=device))
+
+
 def _strict(value: Any) -> Any:
     """JSON has no NaN or infinity: such a number is written as null."""
     return None if isinstance(value, float) and not math.isfinite(value) else value
@@ -258,12 +286,11 @@ class _Loop:
         dist.broadcast_module_(objective)
         if channels_last:
             objective.to(memory_format=torch.channels_last)
-        # Groups named "backbone" and "head" (RIFLE's hook addresses the head's by name).
-        self.optimizer = torch.optim.SGD(objective.param_groups(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+        self.optimizer = make_optimizer(objective, lr, momentum, weight_decay)
         self.scheduler = create_schedule(self.optimizer, schedule, total_steps, self.steps_per_epoch, decay_fraction,
                                          cycles=lr_cycles, min_factor=lr_min_factor)
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-        self.sums: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64, device=device))
+        self.sums = running_sums(device)
         self.state = _Progress()
         self.started = time.perf_counter()
 
@@ -344,14 +371,9 @@ class _Loop:
 
     def loader(self, epoch: int, start: int) -> DataLoader:
         """The epoch's batches from its ``start``-th step on."""
-        sampler = EpochSampler(self.n_train, self.seed, epoch, start * self.batch_size * self.world,
-                               batch_size=self.batch_size, rank=self.dist.rank, world_size=self.world)
-        # Its own generator: a DataLoader draws its workers' base seed when an iterator starts, from the
-        # global RNG otherwise, and a run resumed mid-epoch starts one more iterator than the
-        # uninterrupted run, which would shift every later dropout / drop-path draw.
-        return DataLoader(self.train_set, batch_size=self.batch_size, drop_last=self.drop_last, sampler=sampler,
-                          num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
-                          generator=torch.Generator().manual_seed(derived_seed(self.seed, epoch)))
+        return epoch_loader(self.train_set, batch_size=self.batch_size, seed=self.seed, epoch=epoch, start=start,
+                            num_workers=self.num_workers, device=self.device, rank=self.dist.rank,
+                            world_size=self.world, drop_last=self.drop_last)
 
     def context(self) -> StepContext:
         return StepContext(self.state.step, self.total_steps, self.optimizer, self.dist.rank, self.world)
