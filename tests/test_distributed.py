@@ -170,6 +170,8 @@ def jobs(tmp_path_factory):
                                              "--rifle", 1, "--sync-bn", *ddp)},
         # BSS with a weight that makes its term matter: the singular values of the global batch's features
         {"name": "bss", "argv": argv("bss", "--method", "bss", "--alpha", 0.01, "--iters", 2, "--sync-bn", *ddp)},
+        # LwF's source head is trained outside the DDP-wrapped network: its gradient is averaged by a hook
+        {"name": "lwf", "argv": argv("lwf", "--method", "lwf", "--alpha", 10, "--iters", 2, "--sync-bn", *ddp)},
         {"name": "interrupted", "argv": argv("resumed", *DELTA, *tiny_attention, "--epochs", 2, *ddp),
          "interrupt_rank": 1, "interrupt_at": INTERRUPT_AT},
         {"name": "resumed", "argv": argv("resumed", *DELTA, *tiny_attention, "--epochs", 2, "--resume", *ddp)},
@@ -209,6 +211,15 @@ def reference(jobs):
     return run
 
 
+def initial_source_head() -> dict[str, torch.Tensor]:
+    """LwF's source head before training (the pretrained network's own classifier), as lwf.old_head.*."""
+    from deltatl.models import create_model
+
+    torch.manual_seed(0)
+    head = create_model("test_resnet", None, pretrained="none").fc
+    return {f"lwf.old_head.{k}": v for k, v in head.state_dict().items()}
+
+
 def initial_network() -> torch.nn.Module:
     """The starting point every run above draws from its --seed (0)."""
     from deltatl.config import TrainConfig
@@ -222,11 +233,12 @@ def initial_network() -> torch.nn.Module:
     ("delta", [*DELTA, "--iters", 1]),
     ("delta-rifle", [*DELTA, "--iters", 2, "--rifle", 1]),  # the head is re-drawn after step 1
     ("bss", ["--method", "bss", "--alpha", 0.01, "--iters", 2]),
-], ids=["l2-sp", "delta", "delta-rifle", "bss"])
+    ("lwf", ["--method", "lwf", "--alpha", 10, "--iters", 2]),
+], ids=["l2-sp", "delta", "delta-rifle", "bss", "lwf"])
 # two steps with a re-init after the first, after the step decay: warned about, and meant here
 @pytest.mark.filterwarnings("ignore::deltatl.engine.rifle.RifleWarning")
 def test_two_processes_with_sync_bn_take_the_single_process_step_on_the_global_batch(jobs, reference, name, flags):
-    if name not in ("l2sp", "bss"):
+    if name not in ("l2sp", "bss", "lwf"):
         flags = [*flags, "--attention-file", jobs["attention"]]
     single = state(reference(name, *flags))
     ddp = state(jobs["base"] / name)
@@ -241,7 +253,12 @@ def test_two_processes_with_sync_bn_take_the_single_process_step_on_the_global_b
     for key in set(single["model"]) - set(params):
         scale = max(1.0, single["model"][key].double().abs().max().item())
         assert max_difference(ddp["model"], single["model"], [key]) < 1e-4 * scale, key
-    assert max_difference(ddp["regularizer"], single["regularizer"]) == 0  # L2-SP start, attention
+    if name == "lwf":  # the trained source head: the same step as well
+        moved_head = max_difference(single["regularizer"], initial_source_head())
+        assert moved_head > 1e-4
+        assert max_difference(ddp["regularizer"], single["regularizer"]) < 1e-3 * moved_head
+    else:
+        assert max_difference(ddp["regularizer"], single["regularizer"]) == 0  # L2-SP start, attention
     summary = json.loads((jobs["base"] / name / "summary.json").read_text())
     expected = json.loads((reference(name, *flags) / "summary.json").read_text())
     assert summary["test_top1"] == expected["test_top1"]

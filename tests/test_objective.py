@@ -64,6 +64,9 @@ def make_objective(method: str, seed: int = 0, **kwargs) -> Objective:
         kwargs.setdefault("layers", layers_of(model))
     if METHODS[method].attention:
         kwargs.setdefault("channel_weights", peaked_weights(model, kwargs["layers"]))
+    if METHODS[method].has("lwf"):  # the pretrained network with its own classifier
+        torch.manual_seed(seed)
+        kwargs.setdefault("source_model", create_model(MODEL, None, pretrained="none"))
     return Objective(model, method, **kwargs)
 
 
@@ -307,7 +310,7 @@ def test_forward_returns_the_same_keys_in_train_and_eval_mode(method):
     assert {"loss", "logits", "ce"} <= train_keys
     expected_terms = {"l2": set(), "l2-fe": set(), "l2-sp": {"reg/l2sp", "reg/head"},
                       "delta-noatt": {"reg/delta", "reg/head"}, "delta": {"reg/delta", "reg/head"},
-                      "bss": {"reg/bss"}}[method]
+                      "bss": {"reg/bss"}, "lp-ft": set(), "wise-ft": set(), "lwf": {"reg/lwf"}}[method]
     assert {k for k in train_keys if k.startswith("reg/")} == expected_terms
 
 
@@ -421,3 +424,35 @@ def test_bss_is_alpha_times_the_smallest_squared_singular_value_of_the_classifie
     out["loss"].backward()  # the term's gradient reaches the backbone
     assert objective.model.conv1[0].weight.grad.abs().sum() > 0
     assert objective._head_input is None  # not kept beyond the step
+
+
+def test_lwf_distils_the_source_networks_own_classifier_into_a_trained_copy_of_it():
+    from deltatl.models import create_model, head_module
+    from deltatl.regularizers import knowledge_distillation
+
+    torch.manual_seed(0)
+    source = create_model(MODEL, None, pretrained="none")  # the pretrained network, its own 1000 classes
+    model = tiny_model(0)
+    model.load_state_dict({**model.state_dict(), **{k: v for k, v in source.state_dict().items()
+                                                     if not k.startswith("fc.")}})
+    with pytest.raises(DeltatlError, match="own classifier"):
+        Objective(copy.deepcopy(model), "lwf")
+    objective = Objective(model, "lwf", alpha=0.5, source_model=source)
+    images, labels = batch()
+    with torch.no_grad():  # eval mode: same backbone, same statistics, same head: nothing to distil yet
+        assert objective.eval()(images, labels)["reg/lwf"].item() == pytest.approx(0.0, abs=1e-6)
+    objective.train()
+    out = objective(images, labels)
+    seen = []
+    hook = head_module(objective.model).register_forward_pre_hook(lambda _m, a: seen.append(a[0]))
+    objective.model(images)
+    hook.remove()
+    student = objective.lwf.old_head(seen[0])
+    with torch.no_grad():
+        teacher = source.eval()(images)
+    assert out["reg/lwf"].item() == pytest.approx(0.5 * knowledge_distillation(student, teacher, 2.0).item(),
+                                                  rel=1e-5)
+    groups = {g["name"]: g["params"] for g in objective.param_groups()}
+    assert set(groups) == {"backbone", "head", "regularizers"}
+    assert groups["regularizers"] == list(objective.lwf.old_head.parameters())
+    assert "lwf.old_head.weight" in objective.regularizer_state()  # trained: checkpointed, resumed

@@ -274,3 +274,23 @@ def test_batch_spectral_shrinkage_refuses_a_k_beyond_the_rank():
 
     with pytest.raises(ValueError, match="between 1 and min"):
         batch_spectral_shrinkage(torch.randn(4, 10), k=5)
+
+
+# --- LwF: knowledge distillation -----------------------------------------------------------------------
+
+def test_knowledge_distillation_is_t_squared_times_the_batch_mean_kl_of_the_softened_distributions():
+    from deltatl.regularizers import knowledge_distillation
+
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(5, 7, generator=g, dtype=torch.float64), torch.randn(5, 7, generator=g,
+                                                                                         dtype=torch.float64)
+    for t in (1.0, 2.0, 3.0):
+        p = torch.exp(teacher / t) / torch.exp(teacher / t).sum(1, keepdim=True)
+        q = torch.exp(student / t) / torch.exp(student / t).sum(1, keepdim=True)
+        expected = t ** 2 * (p * (p.log() - q.log())).sum(1).mean()
+        assert knowledge_distillation(student, teacher, t).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert knowledge_distillation(teacher, teacher, 2.0).item() == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="positive"):
+        knowledge_distillation(student, teacher, 0.0)
+    with pytest.raises(ValueError, match="differ in shape"):
+        knowledge_distillation(student, teacher[:, :3], 2.0)

@@ -79,6 +79,16 @@ class DistEnv:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
+    def mean_gradient(self, grad: Tensor) -> Tensor:
+        """Collective (inside the backward): ``grad`` averaged over the processes, as DDP averages the
+        wrapped network's; for trained parameters outside it (LwF's source head). Registered as a
+        parameter hook by :class:`deltatl.engine.objective.Objective`."""
+        if not self.enabled:
+            return grad
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad / self.world_size
+
     def gather_batch(self, tensor: Tensor) -> Tensor:
         """Collective, differentiable: the processes' equal-sized batches concatenated in rank order
         (the single-process global batch, as :class:`deltatl.engine.fit.EpochSampler` slices it).

@@ -11,13 +11,16 @@ method          loss                                                            
 ``lp-ft``       CE, starting from a linearly probed head                         1e-4
 ``wise-ft``     LP-FT, then (1 - a) theta_probe + a theta_ft, a on validation       1e-4
 ``bss``         CE + alpha * sum of the k smallest sigma^2 of the batch features  1e-4
+``lwf``         CE + alpha * T^2 KL(softmax(y_src / T) || softmax(h_src(f) / T))     1e-4
 ==============  ===============================================================  ============
 
 Beyond the papers: ``lp-ft`` (Kumar et al., ICLR 2022) first trains the new head on the frozen backbone
 (the same L2-FE fit as DELTA's attention, :func:`deltatl.attention.fit_linear_probe`), then fine-tunes
 everything from it; ``wise-ft`` (Wortsman et al., CVPR 2022) then interpolates the weights between
 that start and the fine-tuned end (:mod:`deltatl.engine.weight_ensemble`); ``bss`` is Batch Spectral Shrinkage (Chen et al., NeurIPS 2019): alpha is its eta,
-0.001 by default as its authors', k = 1.
+0.001 by default as its authors', k = 1; ``lwf`` is Learning without Forgetting (Li & Hoiem, ECCV
+2016), the source classifier kept and distilled from the frozen pretrained network (alpha its
+lambda_o, 1 by default as its authors', T = 2).
 
 Each term names a registered regularizer (:data:`deltatl.regularizers.REGULARIZERS`) and which of the
 run's weights multiplies it (``alpha``, ``beta``); a method's options reach the regularizers it uses
@@ -103,6 +106,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            description="linear probe (the L2-FE fit), then every layer fine-tuned from the probed head"),
     Method("wise-ft", 1e-4, linear_probe=True, weight_ensemble=True,
            description="LP-FT, then the weights interpolated between its start and end, mixing chosen on validation"),
+    Method("lwf", 1e-4, (Term("lwf", "alpha", MappingProxyType({"lwf_temperature": 2.0})),), default_alpha=1.0,
+           description="the source classifier kept and trained to answer as the pretrained network (LwF)"),
     Method("bss", 1e-4, (Term("bss", "alpha", MappingProxyType({"bss_k": 1})),), default_alpha=0.001,
            description="weight decay, and the smallest singular value of the batch's features shrunk (BSS)"),
 )}

@@ -34,6 +34,7 @@ from .errors import DeltatlError
 from .features import layer_preset
 from .methods import get_method
 from .outputs import atomic_open
+from .regularizers import REGULARIZERS
 from .models import create_model, head_module, head_name, preprocessing, resolve_pretrained
 
 # Few-shot default of a named dataset when --train-per-class is not given (the embedded default job).
@@ -379,9 +380,15 @@ def build_objective(config: TrainConfig, model: torch.nn.Module, train_set: Tran
     alpha = config.resolved_alpha()
     if alpha is not None and progress:
         print(f"alpha {alpha:g}: {alpha_origin(config)}", file=sys.stderr)
+    source_model = None
+    if any(REGULARIZERS[term.regularizer].reads_source_logits for term in method.terms):
+        with torch.random.fork_rng(devices=[]):  # the pretrained network with its own classifier
+            torch.manual_seed(config.seed)
+            source_model = create_model(config.model, None, pretrained=config.pretrained, checkpoint=config.checkpoint)
     return Objective(model, config.method, alpha=0.0 if alpha is None else alpha, beta=config.beta, layers=layers,
                      channel_weights=weights, reduction=config.delta_reduction, source_bn=config.delta_source_bn,
                      distance_scale=1.0 if config.delta_reduction == "mean" else dist.world_size,
                      energy_sum=dist.all_reduce_sum_ if dist.enabled else None,
                      batch_gather=dist.gather_batch if dist.enabled else None,
+                     source_model=source_model, gradient_mean=dist.mean_gradient if dist.enabled else None,
                      aux_weight=config.aux_weight)

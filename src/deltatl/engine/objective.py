@@ -78,7 +78,9 @@ class Objective(nn.Module):
                  reduction: str = "sum", source_bn: str = "running", freeze_bn: bool = True,
                  distance_scale: float = 1.0, aux_weight: float = 0.0,
                  energy_sum: Callable[[Tensor], Tensor] | None = None,
-                 batch_gather: Callable[[Tensor], Tensor] | None = None):
+                 batch_gather: Callable[[Tensor], Tensor] | None = None,
+                 source_model: nn.Module | None = None,
+                 gradient_mean: Callable[[Tensor], Tensor] | None = None):
         super().__init__()
         if source_bn not in SOURCE_BN_MODES:
             raise DeltatlError(f"source BatchNorm mode must be one of {', '.join(SOURCE_BN_MODES)}, got {source_bn!r}")
@@ -96,7 +98,8 @@ class Objective(nn.Module):
         options = {**self.method.options, "method": method, "layers": layers, "channel_weights": channel_weights,
                    "reduction": reduction, "distance_scale": distance_scale, "energy_sum": energy_sum,
                    "batch_gather": batch_gather}
-        setup = Setup(model, tuple(shared), tuple(private), options)
+        setup = Setup(model, tuple(shared), tuple(private), options,
+                      None if source_model is None else head_module(source_model))
         # Each term is a submodule named by its key (its state, e.g. l2sp.anchor__*, is checkpointed).
         self._terms: tuple[tuple[Term, Regularizer], ...] = tuple(
             (term, build_regularizer(term.regularizer, setup)) for term in self.method.terms)
@@ -106,12 +109,21 @@ class Objective(nn.Module):
         self._head_input: Tensor | None = None
         if any(m.reads_head_input for _, m in self._terms):
             head_module(model).register_forward_pre_hook(self._record_head_input)
+        self._source_logits_needed = any(m.reads_source_logits for _, m in self._terms)
+        if self._source_logits_needed and source_model is None:
+            raise DeltatlError(f"method {method} needs the pretrained network with its own classifier (source_model)")
+        if gradient_mean is not None:  # DDP averages the target's gradients; the terms' own parameters here
+            for _, module in self._terms:
+                for param in module.parameters():
+                    param.register_hook(gradient_mean)
         self.source: nn.Module | None = None
-        if self.layers:
+        if self.layers or self._source_logits_needed:
             # The source is a frozen copy of the pretrained network: eval mode (BatchNorm running
             # statistics), no gradients, never wrapped by DDP. Copied before the target's hooks exist,
-            # which a deep copy would otherwise carry over.
-            self.source = copy.deepcopy(model).eval().requires_grad_(False)
+            # which a deep copy would otherwise carry over. With its own classifier when a term reads
+            # its logits (the backbone is the same).
+            pretrained = model if source_model is None else source_model
+            self.source = copy.deepcopy(pretrained).eval().requires_grad_(False)
             for module in self._source_batchnorms():
                 # Without tracking, a BatchNorm in train mode normalises with the batch's statistics and
                 # leaves its running statistics as they are; in eval mode it still uses them.
@@ -120,8 +132,9 @@ class Objective(nn.Module):
             self.target_hooks = FeatureHooks(model, self.layers)
             self.source_hooks = FeatureHooks(self.source, self.layers)
             self._source_calls = 0
-            for name in self.layers:
-                self.source.get_submodule(name).register_forward_hook(self._stop_source_early)
+            if not self._source_logits_needed:  # nothing after the last tapped layer is needed
+                for name in self.layers:
+                    self.source.get_submodule(name).register_forward_hook(self._stop_source_early)
 
     def _record_head_input(self, _module: nn.Module, args: tuple[Tensor, ...]) -> None:
         self._head_input = args[0]
@@ -162,10 +175,13 @@ class Objective(nn.Module):
         return self
 
     def param_groups(self) -> list[dict[str, object]]:
-        """Trainable parameters as two optimizer groups: the backbone's (if any) and the head's (last)."""
+        """Trainable parameters as optimizer groups: the backbone's (if any), the head's, and the terms'
+        own (LwF's source head), each named."""
         shared, private = split_parameters(self.model)
         groups = [{"params": [p for _, p in shared if p.requires_grad], "name": "backbone"},
-                  {"params": [p for _, p in private], "name": "head"}]
+                  {"params": [p for _, p in private], "name": "head"},
+                  {"params": [p for _, m in self._terms for p in m.parameters() if p.requires_grad],
+                   "name": "regularizers"}]
         return [g for g in groups if g["params"]]
 
     def regularizer_state(self) -> dict[str, Tensor]:
@@ -181,14 +197,21 @@ class Objective(nn.Module):
         self.load_state_dict({**own, **state})
 
     def source_features(self, images: Tensor) -> dict[str, Tensor]:
-        """The frozen source network's feature maps; its forward stops after the last tapped layer."""
+        """The frozen source network's feature maps; its forward stops after the last tapped layer
+        unless a term reads its logits."""
+        return self._run_source(images)[0]
+
+    def _run_source(self, images: Tensor) -> tuple[dict[str, Tensor], Tensor | None]:
+        """The source's tapped feature maps and, when it runs to the end, its logits (float32)."""
         self._source_calls = 0
+        logits = None
         with torch.no_grad():
             try:
-                self.source(images)
+                logits = self.source(images)
             except _SourceDone:
                 pass
-        return self.source_hooks.pop()
+        features = self.source_hooks.pop()
+        return features, (logits.float() if self._source_logits_needed else None)
 
     @torch.no_grad()
     def statistics_gap(self, images: Tensor) -> Tensor | None:
@@ -216,7 +239,7 @@ class Objective(nn.Module):
         # graph exists: DELTA's peak memory is then l2's plus the source's weights and tapped maps
         # (`deltatl bench --only memory`). Same numbers: the source is in eval mode and draws no random
         # numbers.
-        source = self.source_features(images) if self.source is not None else {}
+        source, source_logits = self._run_source(images) if self.source is not None else ({}, None)
         logits = self.model(images)
         aux_logits = None
         if isinstance(logits, tuple):  # (logits, aux logits): Inception-V3's kept aux head, training mode
@@ -227,7 +250,7 @@ class Objective(nn.Module):
             terms["aux/ce"] = self.aux_weight * F.cross_entropy(aux_logits, labels)
         head_input, self._head_input = self._head_input, None
         inputs = StepInputs(images, labels, logits, self.target_hooks.pop() if self.source is not None else {}, source,
-                            head_input)
+                            head_input, source_logits)
         for term, module in self._terms:
             weight = self.alpha if term.weight == "alpha" else self.beta
             if weight or term.weight == "alpha":  # a head term at beta 0 is skipped (not logged)

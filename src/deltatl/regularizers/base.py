@@ -31,12 +31,15 @@ class Setup:
         head: those of the new classifier.
         options: the method's and the run's settings (``layers``, ``channel_weights``, ``reduction``,
             ``distance_scale``, ``energy_sum``, ``attention``...); a regularizer reads those it knows.
+        source_head: the classifier of the pretrained network (e.g. ImageNet's 1000 classes), for the
+            terms that keep answering the source task (LwF, Co-Tuning); None if the objective has none.
     """
 
     model: nn.Module
     shared: tuple[tuple[str, nn.Parameter], ...]
     head: tuple[tuple[str, nn.Parameter], ...]
     options: Mapping[str, Any] = field(default_factory=dict)
+    source_head: nn.Linear | None = None  # the pretrained network's own classifier (ImageNet's), if given
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,8 @@ class StepInputs:
             no term needs them.
         head_features: what entered the target's classifier (with gradient), when a term sets
             ``reads_head_input``; else None.
+        source_logits: the frozen pretrained network's logits on its own classes (a constant), when a
+            term sets ``reads_source_logits``; else None.
     """
 
     images: Tensor
@@ -59,6 +64,7 @@ class StepInputs:
     target_features: Mapping[str, Tensor] = field(default_factory=dict)
     source_features: Mapping[str, Tensor] = field(default_factory=dict)
     head_features: Tensor | None = None  # the classifier's input (b x d), when a term reads it
+    source_logits: Tensor | None = None  # the frozen pretrained network's own output, when a term reads it
 
 
 class Regularizer(nn.Module):
@@ -69,6 +75,8 @@ class Regularizer(nn.Module):
     source_layers: tuple[str, ...] = ()
     #: whether the term reads the classifier's input features (``StepInputs.head_features``)
     reads_head_input: bool = False
+    #: whether the term reads the pretrained network's own logits (``StepInputs.source_logits``)
+    reads_source_logits: bool = False
 
     @classmethod
     def build(cls, setup: Setup) -> "Regularizer":
