@@ -172,6 +172,7 @@ def jobs(tmp_path_factory):
         {"name": "bss", "argv": argv("bss", "--method", "bss", "--alpha", 0.01, "--iters", 2, "--sync-bn", *ddp)},
         # LwF's source head is trained outside the DDP-wrapped network: its gradient is averaged by a hook
         {"name": "lwf", "argv": argv("lwf", "--method", "lwf", "--alpha", 10, "--iters", 2, "--sync-bn", *ddp)},
+        {"name": "co-tuning", "argv": argv("co-tuning", "--method", "co-tuning", "--iters", 2, "--sync-bn", *ddp)},
         {"name": "interrupted", "argv": argv("resumed", *DELTA, *tiny_attention, "--epochs", 2, *ddp),
          "interrupt_rank": 1, "interrupt_at": INTERRUPT_AT},
         {"name": "resumed", "argv": argv("resumed", *DELTA, *tiny_attention, "--epochs", 2, "--resume", *ddp)},
@@ -211,13 +212,13 @@ def reference(jobs):
     return run
 
 
-def initial_source_head() -> dict[str, torch.Tensor]:
-    """LwF's source head before training (the pretrained network's own classifier), as lwf.old_head.*."""
+def initial_source_head(prefix: str) -> dict[str, torch.Tensor]:
+    """The trained source head before training (the pretrained network's own classifier), keys prefixed."""
     from deltatl.models import create_model
 
     torch.manual_seed(0)
     head = create_model("test_resnet", None, pretrained="none").fc
-    return {f"lwf.old_head.{k}": v for k, v in head.state_dict().items()}
+    return {f"{prefix}{k}": v for k, v in head.state_dict().items()}
 
 
 def initial_network() -> torch.nn.Module:
@@ -234,11 +235,12 @@ def initial_network() -> torch.nn.Module:
     ("delta-rifle", [*DELTA, "--iters", 2, "--rifle", 1]),  # the head is re-drawn after step 1
     ("bss", ["--method", "bss", "--alpha", 0.01, "--iters", 2]),
     ("lwf", ["--method", "lwf", "--alpha", 10, "--iters", 2]),
-], ids=["l2-sp", "delta", "delta-rifle", "bss", "lwf"])
+    ("co-tuning", ["--method", "co-tuning", "--iters", 2]),
+], ids=["l2-sp", "delta", "delta-rifle", "bss", "lwf", "co-tuning"])
 # two steps with a re-init after the first, after the step decay: warned about, and meant here
 @pytest.mark.filterwarnings("ignore::deltatl.engine.rifle.RifleWarning")
 def test_two_processes_with_sync_bn_take_the_single_process_step_on_the_global_batch(jobs, reference, name, flags):
-    if name not in ("l2sp", "bss", "lwf"):
+    if name not in ("l2sp", "bss", "lwf", "co-tuning"):
         flags = [*flags, "--attention-file", jobs["attention"]]
     single = state(reference(name, *flags))
     ddp = state(jobs["base"] / name)
@@ -253,8 +255,10 @@ def test_two_processes_with_sync_bn_take_the_single_process_step_on_the_global_b
     for key in set(single["model"]) - set(params):
         scale = max(1.0, single["model"][key].double().abs().max().item())
         assert max_difference(ddp["model"], single["model"], [key]) < 1e-4 * scale, key
-    if name == "lwf":  # the trained source head: the same step as well
-        moved_head = max_difference(single["regularizer"], initial_source_head())
+    if name in ("lwf", "co-tuning"):  # the trained source head: the same step as well
+        prefix = {"lwf": "lwf.old_head.", "co-tuning": "co-tuning.source_head."}[name]
+        head = {k: v for k, v in single["regularizer"].items() if k.startswith(prefix)}
+        moved_head = max_difference(head, initial_source_head(prefix))
         assert moved_head > 1e-4
         assert max_difference(ddp["regularizer"], single["regularizer"]) < 1e-3 * moved_head
     else:

@@ -64,9 +64,11 @@ def make_objective(method: str, seed: int = 0, **kwargs) -> Objective:
         kwargs.setdefault("layers", layers_of(model))
     if METHODS[method].attention:
         kwargs.setdefault("channel_weights", peaked_weights(model, kwargs["layers"]))
-    if METHODS[method].has("lwf"):  # the pretrained network with its own classifier
+    if METHODS[method].has("lwf") or METHODS[method].has("co-tuning"):  # the pretrained network, own classifier
         torch.manual_seed(seed)
         kwargs.setdefault("source_model", create_model(MODEL, None, pretrained="none"))
+    if METHODS[method].has("co-tuning"):
+        kwargs.setdefault("term_options", {"relationship": torch.full((NUM_CLASSES, 1000), 1e-3)})
     return Objective(model, method, **kwargs)
 
 
@@ -310,7 +312,8 @@ def test_forward_returns_the_same_keys_in_train_and_eval_mode(method):
     assert {"loss", "logits", "ce"} <= train_keys
     expected_terms = {"l2": set(), "l2-fe": set(), "l2-sp": {"reg/l2sp", "reg/head"},
                       "delta-noatt": {"reg/delta", "reg/head"}, "delta": {"reg/delta", "reg/head"},
-                      "bss": {"reg/bss"}, "lp-ft": set(), "wise-ft": set(), "lwf": {"reg/lwf"}}[method]
+                      "bss": {"reg/bss"}, "lp-ft": set(), "wise-ft": set(), "lwf": {"reg/lwf"},
+                      "co-tuning": {"reg/co-tuning"}}[method]
     assert {k for k in train_keys if k.startswith("reg/")} == expected_terms
 
 
@@ -456,3 +459,27 @@ def test_lwf_distils_the_source_networks_own_classifier_into_a_trained_copy_of_i
     assert set(groups) == {"backbone", "head", "regularizers"}
     assert groups["regularizers"] == list(objective.lwf.old_head.parameters())
     assert "lwf.old_head.weight" in objective.regularizer_state()  # trained: checkpointed, resumed
+
+
+def test_co_tuning_trains_the_source_head_on_the_relationships_soft_labels():
+    from deltatl.models import create_model, head_module
+    from deltatl.regularizers import soft_cross_entropy
+
+    torch.manual_seed(0)
+    source = create_model(MODEL, None, pretrained="none")
+    relationship = torch.softmax(torch.randn(NUM_CLASSES, source.fc.out_features), dim=1)
+    with pytest.raises(DeltatlError, match="relationship"):
+        Objective(tiny_model(0), "co-tuning", source_model=source)
+    objective = Objective(tiny_model(0), "co-tuning", alpha=2.3, source_model=source,
+                          term_options={"relationship": relationship})
+    assert objective.source is None  # no source forward per step: only its classifier is used
+    images, labels = batch()
+    seen = []
+    head_module(objective.model).register_forward_pre_hook(lambda _m, a: seen.append(a[0]))
+    out = objective(images, labels)
+    term = objective.get_submodule("co-tuning")
+    expected = 2.3 * soft_cross_entropy(term.source_head(seen[0]), relationship[labels])
+    assert out["reg/co-tuning"].item() == pytest.approx(expected.item(), rel=1e-6)
+    state = objective.regularizer_state()
+    assert torch.equal(state["co-tuning.relationship"], relationship)
+    assert {"co-tuning.source_head.weight", "co-tuning.source_head.bias"} <= set(state)

@@ -294,3 +294,35 @@ def test_knowledge_distillation_is_t_squared_times_the_batch_mean_kl_of_the_soft
         knowledge_distillation(student, teacher, 0.0)
     with pytest.raises(ValueError, match="differ in shape"):
         knowledge_distillation(student, teacher[:, :3], 2.0)
+
+
+# --- Co-Tuning -----------------------------------------------------------------------------------------
+
+def test_the_relationship_is_the_mean_source_softmax_of_each_target_class():
+    from deltatl.errors import DeltatlError
+    from deltatl.regularizers import source_relationship
+
+    source = nn.Linear(3, 5)
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(7, 3, generator=g), torch.tensor([0, 1, 0, 2, 1, 0, 2])
+    batches = [(images[:4], labels[:4]), (images[4:], labels[4:])]
+    relationship = source_relationship(source, batches, num_classes=3)
+    probabilities = torch.softmax(source(images).double(), dim=1)
+    for t in range(3):
+        assert torch.allclose(relationship[t].double(), probabilities[labels == t].mean(0), atol=1e-6)
+    assert torch.allclose(relationship.sum(1), torch.ones(3))
+    with pytest.raises(DeltatlError, match="every class"):
+        source_relationship(source, batches, num_classes=4)
+
+
+def test_soft_cross_entropy_is_the_cross_entropy_against_a_distribution():
+    from deltatl.regularizers import soft_cross_entropy
+
+    g = torch.Generator().manual_seed(1)
+    logits, labels = torch.randn(6, 4, generator=g), torch.tensor([0, 3, 1, 1, 2, 0])
+    one_hot = torch.nn.functional.one_hot(labels, 4).float()
+    assert soft_cross_entropy(logits, one_hot).item() == pytest.approx(
+        torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-6)
+    q = torch.softmax(torch.randn(6, 4, generator=g), dim=1)
+    expected = -(q * torch.log_softmax(logits, dim=1)).sum(1).mean()
+    assert soft_cross_entropy(logits, q).item() == pytest.approx(expected.item(), rel=1e-6)

@@ -12,6 +12,7 @@ method          loss                                                            
 ``wise-ft``     LP-FT, then (1 - a) theta_probe + a theta_ft, a on validation       1e-4
 ``bss``         CE + alpha * sum of the k smallest sigma^2 of the batch features  1e-4
 ``lwf``         CE + alpha * T^2 KL(softmax(y_src / T) || softmax(h_src(f) / T))     1e-4
+``co-tuning``   CE + alpha * CE_soft(h_src(f), p(y_src | y))                       1e-4
 ==============  ===============================================================  ============
 
 Beyond the papers: ``lp-ft`` (Kumar et al., ICLR 2022) first trains the new head on the frozen backbone
@@ -20,7 +21,9 @@ everything from it; ``wise-ft`` (Wortsman et al., CVPR 2022) then interpolates t
 that start and the fine-tuned end (:mod:`deltatl.engine.weight_ensemble`); ``bss`` is Batch Spectral Shrinkage (Chen et al., NeurIPS 2019): alpha is its eta,
 0.001 by default as its authors', k = 1; ``lwf`` is Learning without Forgetting (Li & Hoiem, ECCV
 2016), the source classifier kept and distilled from the frozen pretrained network (alpha its
-lambda_o, 1 by default as its authors', T = 2).
+lambda_o, 1 by default as its authors', T = 2); ``co-tuning`` (You et al., NeurIPS 2020) trains the
+source classifier on soft source labels p(y_src | y), the pretrained network's mean softmax over each
+target class's training images (the paper's direct estimate; alpha its lambda, 2.3 by default as tllib's).
 
 Each term names a registered regularizer (:data:`deltatl.regularizers.REGULARIZERS`) and which of the
 run's weights multiplies it (``alpha``, ``beta``); a method's options reach the regularizers it uses
@@ -108,6 +111,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            description="LP-FT, then the weights interpolated between its start and end, mixing chosen on validation"),
     Method("lwf", 1e-4, (Term("lwf", "alpha", MappingProxyType({"lwf_temperature": 2.0})),), default_alpha=1.0,
            description="the source classifier kept and trained to answer as the pretrained network (LwF)"),
+    Method("co-tuning", 1e-4, (Term("co-tuning", "alpha"),), default_alpha=2.3,
+           description="the source classifier trained too, on source labels translated from the target's (Co-Tuning)"),
     Method("bss", 1e-4, (Term("bss", "alpha", MappingProxyType({"bss_k": 1})),), default_alpha=0.001,
            description="weight decay, and the smallest singular value of the batch's features shrunk (BSS)"),
 )}

@@ -34,7 +34,7 @@ from .errors import DeltatlError
 from .features import layer_preset
 from .methods import get_method
 from .outputs import atomic_open
-from .regularizers import REGULARIZERS
+from .regularizers import REGULARIZERS, source_relationship
 from .models import create_model, head_module, head_name, preprocessing, resolve_pretrained
 
 # Few-shot default of a named dataset when --train-per-class is not given (the embedded default job).
@@ -354,6 +354,19 @@ def probe_head(config: TrainConfig, model: torch.nn.Module, train_set: Transform
     return state
 
 
+def co_tuning_relationship(config: TrainConfig, source_model: torch.nn.Module, train_set: TransformedImages,
+                           device: torch.device) -> torch.Tensor:
+    """Co-Tuning's p(y_source | y_target) on the training split (evaluation transform, one crop), on the CPU."""
+    images = TransformedImages(train_set.images, evaluation_transform(config.image_size, preprocessing(source_model),
+                                                                      config.resize, config.keep_aspect, False))
+    loader = torch.utils.data.DataLoader(images, batch_size=config.batch_size, num_workers=config.workers)
+    source_model.to(device)
+    try:
+        return source_relationship(source_model, ((x.to(device), y) for x, y in loader), len(train_set.images.classes))
+    finally:
+        source_model.cpu()
+
+
 def alpha_origin(config: TrainConfig) -> str | None:
     """Where the run's alpha comes from (printed, and kept in the summary)."""
     if config.resolved_alpha() is None:
@@ -380,15 +393,20 @@ def build_objective(config: TrainConfig, model: torch.nn.Module, train_set: Tran
     alpha = config.resolved_alpha()
     if alpha is not None and progress:
         print(f"alpha {alpha:g}: {alpha_origin(config)}", file=sys.stderr)
-    source_model = None
-    if any(REGULARIZERS[term.regularizer].reads_source_logits for term in method.terms):
+    source_model, term_options = None, {}
+    regularizers = [REGULARIZERS[term.regularizer] for term in method.terms]
+    if any(r.uses_source_head or r.reads_source_logits for r in regularizers):
         with torch.random.fork_rng(devices=[]):  # the pretrained network with its own classifier
             torch.manual_seed(config.seed)
             source_model = create_model(config.model, None, pretrained=config.pretrained, checkpoint=config.checkpoint)
+    if method.has("co-tuning"):
+        term_options["relationship"] = dist.on_rank0(
+            lambda: co_tuning_relationship(config, source_model, train_set, device))
     return Objective(model, config.method, alpha=0.0 if alpha is None else alpha, beta=config.beta, layers=layers,
                      channel_weights=weights, reduction=config.delta_reduction, source_bn=config.delta_source_bn,
                      distance_scale=1.0 if config.delta_reduction == "mean" else dist.world_size,
                      energy_sum=dist.all_reduce_sum_ if dist.enabled else None,
                      batch_gather=dist.gather_batch if dist.enabled else None,
                      source_model=source_model, gradient_mean=dist.mean_gradient if dist.enabled else None,
+                     term_options=term_options,
                      aux_weight=config.aux_weight)

@@ -80,7 +80,8 @@ class Objective(nn.Module):
                  energy_sum: Callable[[Tensor], Tensor] | None = None,
                  batch_gather: Callable[[Tensor], Tensor] | None = None,
                  source_model: nn.Module | None = None,
-                 gradient_mean: Callable[[Tensor], Tensor] | None = None):
+                 gradient_mean: Callable[[Tensor], Tensor] | None = None,
+                 term_options: Mapping[str, object] | None = None):
         super().__init__()
         if source_bn not in SOURCE_BN_MODES:
             raise DeltatlError(f"source BatchNorm mode must be one of {', '.join(SOURCE_BN_MODES)}, got {source_bn!r}")
@@ -97,7 +98,7 @@ class Objective(nn.Module):
                 param.requires_grad_(False)
         options = {**self.method.options, "method": method, "layers": layers, "channel_weights": channel_weights,
                    "reduction": reduction, "distance_scale": distance_scale, "energy_sum": energy_sum,
-                   "batch_gather": batch_gather}
+                   "batch_gather": batch_gather, **(term_options or {})}
         setup = Setup(model, tuple(shared), tuple(private), options,
                       None if source_model is None else head_module(source_model))
         # Each term is a submodule named by its key (its state, e.g. l2sp.anchor__*, is checkpointed).
@@ -110,7 +111,7 @@ class Objective(nn.Module):
         if any(m.reads_head_input for _, m in self._terms):
             head_module(model).register_forward_pre_hook(self._record_head_input)
         self._source_logits_needed = any(m.reads_source_logits for _, m in self._terms)
-        if self._source_logits_needed and source_model is None:
+        if any(m.uses_source_head for _, m in self._terms) and source_model is None:
             raise DeltatlError(f"method {method} needs the pretrained network with its own classifier (source_model)")
         if gradient_mean is not None:  # DDP averages the target's gradients; the terms' own parameters here
             for _, module in self._terms:

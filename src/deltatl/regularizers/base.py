@@ -77,6 +77,8 @@ class Regularizer(nn.Module):
     reads_head_input: bool = False
     #: whether the term reads the pretrained network's own logits (``StepInputs.source_logits``)
     reads_source_logits: bool = False
+    #: whether the term is built from the pretrained network's own classifier (``Setup.source_head``)
+    uses_source_head: bool = False
 
     @classmethod
     def build(cls, setup: Setup) -> "Regularizer":

@@ -49,6 +49,7 @@ class LearningWithoutForgetting(Regularizer):
     key = "lwf"
     reads_head_input = True
     reads_source_logits = True
+    uses_source_head = True
 
     def __init__(self, source_head: nn.Linear, temperature: float = 2.0):
         super().__init__()
