@@ -313,7 +313,7 @@ def test_forward_returns_the_same_keys_in_train_and_eval_mode(method):
     expected_terms = {"l2": set(), "l2-fe": set(), "l2-sp": {"reg/l2sp", "reg/head"},
                       "delta-noatt": {"reg/delta", "reg/head"}, "delta": {"reg/delta", "reg/head"},
                       "bss": {"reg/bss"}, "lp-ft": set(), "wise-ft": set(), "lwf": {"reg/lwf"},
-                      "co-tuning": {"reg/co-tuning"}}[method]
+                      "co-tuning": {"reg/co-tuning"}, "stochnorm": set()}[method]
     assert {k for k in train_keys if k.startswith("reg/")} == expected_terms
 
 

@@ -13,6 +13,7 @@ method          loss                                                            
 ``bss``         CE + alpha * sum of the k smallest sigma^2 of the batch features  1e-4
 ``lwf``         CE + alpha * T^2 KL(softmax(y_src / T) || softmax(h_src(f) / T))     1e-4
 ``co-tuning``   CE + alpha * CE_soft(h_src(f), p(y_src | y))                       1e-4
+``stochnorm``   CE; BatchNorm with batch or (p = 0.5, per channel) moving statistics  1e-4
 ==============  ===============================================================  ============
 
 Beyond the papers: ``lp-ft`` (Kumar et al., ICLR 2022) first trains the new head on the frozen backbone
@@ -23,7 +24,8 @@ that start and the fine-tuned end (:mod:`deltatl.engine.weight_ensemble`); ``bss
 2016), the source classifier kept and distilled from the frozen pretrained network (alpha its
 lambda_o, 1 by default as its authors', T = 2); ``co-tuning`` (You et al., NeurIPS 2020) trains the
 source classifier on soft source labels p(y_src | y), the pretrained network's mean softmax over each
-target class's training images (the paper's direct estimate; alpha its lambda, 2.3 by default as tllib's).
+target class's training images (the paper's direct estimate; alpha its lambda, 2.3 by default as tllib's); ``stochnorm`` is Stochastic
+Normalization (Kou et al., NeurIPS 2020), :mod:`deltatl.engine.stochnorm`.
 
 Each term names a registered regularizer (:data:`deltatl.regularizers.REGULARIZERS`) and which of the
 run's weights multiplies it (``alpha``, ``beta``); a method's options reach the regularizers it uses
@@ -61,6 +63,8 @@ class Method:
     linear_probe: bool = False
     # WiSE-FT: the final model interpolates the probe's start and the fine-tuned end (mixing on validation)
     weight_ensemble: bool = False
+    # StochNorm: every BatchNorm of the target picks the moving statistics with this probability per channel
+    stochnorm: float | None = None
     description: str = ""
     # alpha when --alpha is not given, if the method's authors chose one (else deltatl.config.default_alpha's)
     default_alpha: float | None = None
@@ -113,6 +117,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            description="the source classifier kept and trained to answer as the pretrained network (LwF)"),
     Method("co-tuning", 1e-4, (Term("co-tuning", "alpha"),), default_alpha=2.3,
            description="the source classifier trained too, on source labels translated from the target's (Co-Tuning)"),
+    Method("stochnorm", 1e-4, stochnorm=0.5,
+           description="BatchNorm normalising each channel with the batch's or, at random, the moving statistics"),
     Method("bss", 1e-4, (Term("bss", "alpha", MappingProxyType({"bss_k": 1})),), default_alpha=0.001,
            description="weight decay, and the smallest singular value of the batch's features shrunk (BSS)"),
 )}

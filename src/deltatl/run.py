@@ -29,6 +29,7 @@ from .engine.objective import Objective
 from .engine.rifle import Rifle, RifleWarning, rifle_steps, rifle_warnings
 from .engine.schedule import CYCLIC, step_decay_at
 from .engine.tricks import DisturbLabel, check_stochastic_depth, install_head_regularization, suspended
+from .engine.stochnorm import convert_stochnorm
 from .engine.weight_ensemble import choose_mixing
 from .errors import DeltatlError
 from .features import layer_preset
@@ -165,6 +166,11 @@ def train_run(config: TrainConfig, *, resume: bool = False, progress: bool = Tru
         return {**finished, "reused": True}
     splits = open_splits(config, progress)
     model = seeded_model(config, len(splits.classes))
+    if method.stochnorm is not None:
+        if config.sync_bn:
+            raise DeltatlError("stochnorm has no synchronised BatchNorm: run it without --sync-bn")
+        if not convert_stochnorm(model, method.stochnorm):
+            raise DeltatlError(f"stochnorm replaces BatchNorm layers, and {config.model} has none")
 
     def record_run() -> None:
         os.makedirs(run_dir, exist_ok=True)
