@@ -33,6 +33,8 @@ from ..methods import METHODS
 
 SECTIONS = ("step", "memory", "scaling", "throughput", "loader", "attention")
 METHOD_NAMES = tuple(METHODS)
+# lp-ft and wise-ft train with l2's step (their probe and interpolation are separate stages)
+DEFAULT_METHODS = tuple(m for m in METHOD_NAMES if not (METHODS[m].linear_probe or METHODS[m].weight_ensemble))
 
 # Options whose default depends on --quick: (full, quick). --quick is for development and CI: about
 # a minute for all sections on a 2-core CPU with the default model; the full run takes much longer.
@@ -89,7 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "not depend on the weights, and nothing is downloaded)")
     g.add_argument("--image-size", type=int, default=96, help="default 96 (deltatl train's default)")
     g.add_argument("--batch-size", type=int, help=help_of("batch_size", "images per step (32 = deltatl train's default)"))
-    g.add_argument("--methods", default=",".join(METHOD_NAMES), help="step and memory (l2 is always included)")
+    g.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="step and memory (l2 is always included)")
     g.add_argument("--seed", type=int, default=0)
     g = parser.add_argument_group("execution")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default auto)")

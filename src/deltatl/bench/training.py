@@ -22,7 +22,8 @@ from ..engine.fit import make_optimizer, running_sums, train_step
 from ..engine.objective import Objective
 from ..features import layer_preset
 from ..methods import get_method
-from ..models import EMBEDDED_MODEL, create_model
+from ..engine.stochnorm import convert_stochnorm
+from ..models import EMBEDDED_MODEL, create_model, head_module
 from .common import (Bench, calibrated, interleaved, log, median, per_call, resident_tensors, round_ratios,
                      spread, step_memory, tensor_bytes)
 
@@ -73,13 +74,21 @@ class ModelSetup:
         # existence; random scores through the library's own normalisation (softmax, T = 5).
         g = torch.Generator().manual_seed(seed)
         self.weights = normalize_scores({n: torch.randn(c, generator=g) for n, c in channels.items()})
+        # LwF and Co-Tuning: the pretrained network with its own classifier, and a random relationship
+        self.source_model = create_model(name, None, pretrained=pretrained)
+        source_classes = head_module(self.source_model).out_features
+        self.relationship = torch.softmax(torch.randn(NUM_CLASSES, source_classes, generator=g), dim=1)
 
     def trainer(self, method: str) -> Trainer:
         d, spec = TrainConfig(method=method), get_method(method)
-        objective = Objective(copy.deepcopy(self.base), method, alpha=d.resolved_alpha() or 0.0, beta=d.beta,
+        model = copy.deepcopy(self.base)
+        if spec.stochnorm is not None:
+            convert_stochnorm(model, spec.stochnorm)
+        objective = Objective(model, method, alpha=d.resolved_alpha() or 0.0, beta=d.beta,
                               layers=self.layers if spec.feature_maps else None,
                               channel_weights=self.weights if spec.attention else None,
-                              reduction=d.delta_reduction, source_bn=d.delta_source_bn)
+                              reduction=d.delta_reduction, source_bn=d.delta_source_bn,
+                              source_model=self.source_model, term_options={"relationship": self.relationship})
         objective.to(self.device)
         if self.channels_last:
             objective.to(memory_format=torch.channels_last)
