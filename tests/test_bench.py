@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from deltatl.bench import METHOD_NAMES, SECTIONS
+from deltatl.bench import DEFAULT_METHODS, SECTIONS
 from deltatl.cli import main
 
 TINY = ["--model", "test_resnet", "--pretrained", "none", "--image-size", "32", "--batch-size", "4",
@@ -76,7 +76,7 @@ def test_step_ratios_and_floor(bench_lines):
     assert floor["floor"] >= 1 and floor["floor_truncated"] >= 1
     assert all(positive(floor[k]) for k in ("train_step_ms", "source_forward_ms", "source_forward_truncated_ms"))
     steps = {r["method"]: r for r in by(printed, "step", "step")}
-    assert set(steps) == set(METHOD_NAMES)
+    assert set(steps) == set(DEFAULT_METHODS)
     assert steps["l2"]["ratio_vs_l2"] == 1.0
     for method, row in steps.items():
         assert positive(row["step_ms"]) and positive(row["ratio_vs_l2"]), method
@@ -88,7 +88,7 @@ def test_step_ratios_and_floor(bench_lines):
 def test_memory_is_exact_tensor_accounting(bench_lines):
     printed, _ = bench_lines
     memory = {r["method"]: r for r in by(printed, "memory", "memory")}
-    assert set(memory) == set(METHOD_NAMES)
+    assert set(memory) == set(DEFAULT_METHODS)
     assert memory["l2"]["peak_ratio_vs_l2"] == 1.0 and memory["l2"]["floor"] == 1.0
     for method, row in memory.items():
         assert positive(row["peak_mb"]) and positive(row["peak_ratio_vs_l2"]) and row["floor"] >= 1, method
