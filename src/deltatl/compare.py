@@ -24,7 +24,7 @@ from .outputs import atomic_open, check_output_folder
 
 # What compare writes in its folder: the tables, and a folder per method spec (l2, delta+rifle3...).
 OWN_FILES = ("results*.md", "results*.csv", "paired*.csv", "alpha_selection*.json", "*.tmp")
-_SPEC = re.compile(r"^(?P<method>[a-z0-9-]+)(\+rifle(?P<rifle>\d+))?$")
+_SPEC = re.compile(r"^(?P<method>[a-z0-9+-]+?)(\+rifle(?P<rifle>\d+))?$")
 
 
 def parse_spec(spec: str) -> tuple[str, int]:

@@ -68,6 +68,8 @@ class Method:
     description: str = ""
     # alpha when --alpha is not given, if the method's authors chose one (else deltatl.config.default_alpha's)
     default_alpha: float | None = None
+    # the weights of terms joined from other methods (a composition: delta+bss), by the term's weight name
+    term_weights: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
 
     def uses(self, weight: str) -> bool:
         """Whether ``weight`` (``"alpha"``, ``"beta"``) multiplies one of the method's terms."""
@@ -124,7 +126,56 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 )}
 
 
+# Methods whose terms can join another method's, each with its authors' weight (alpha stays the first's).
+ADD_ONS = ("bss", "lwf", "co-tuning")
+
+
 def get_method(name: str) -> Method:
+    """A method by name, or a composition ``a+b[+c]`` (see :func:`compose`)."""
+    if "+" in name:
+        return compose(name.split("+"))
     if name not in METHODS:
-        raise DeltatlError(f"unknown method '{name}' (choose from {', '.join(METHODS)})")
+        raise DeltatlError(f"unknown method '{name}' (choose from {', '.join(METHODS)}, or a composition such "
+                           f"as delta+bss)")
     return METHODS[name]
+
+
+def compose(parts: list[str]) -> Method:
+    """``delta+bss``, ``l2-sp+lwf``, ``lp-ft+delta``, ``stochnorm+co-tuning``...: one method.
+
+    The first part with terms keeps them as they are (weighted by alpha and beta, its weight decay);
+    each later part must be one of :data:`ADD_ONS`, whose term joins with its authors' weight (its
+    ``default_alpha``, recorded in ``term_weights``). The recipes ``lp-ft``, ``wise-ft`` and
+    ``stochnorm`` apply to whatever they are joined with. Refused with one line: ``l2`` or ``l2-fe`` in a
+    composition, a part given twice, two recipes that exclude each other, a second part with terms that
+    is not an add-on.
+    """
+    for part in parts:
+        if part not in METHODS:
+            raise DeltatlError(f"unknown method '{part}' in '{'+'.join(parts)}' (choose from {', '.join(METHODS)})")
+    name = "+".join(parts)
+    if len(set(parts)) != len(parts):
+        raise DeltatlError(f"'{name}' names a method twice")
+    if "l2-fe" in parts or "l2" in parts:
+        raise DeltatlError(f"'{name}': l2 and l2-fe do not compose (l2+X is X; l2-fe trains only the head)")
+    methods = [METHODS[p] for p in parts]
+    if "lp-ft" in parts and "wise-ft" in parts:
+        raise DeltatlError(f"'{name}': wise-ft already starts with lp-ft; give wise-ft alone")
+    with_terms = [m for m in methods if m.terms]
+    base, joined = (with_terms[0], with_terms[1:]) if with_terms else (None, [])
+    not_add_ons = [m.name for m in joined if m.name not in ADD_ONS]
+    if not_add_ons:
+        raise DeltatlError(f"'{name}': {', '.join(not_add_ons)} cannot join another method's terms (only "
+                           f"{', '.join(ADD_ONS)} can; put the method with alpha first)")
+    terms = list(base.terms) if base else []
+    weights = {}
+    for add_on in joined:
+        for term in add_on.terms:
+            terms.append(Term(term.regularizer, add_on.name, term.options))
+        weights[add_on.name] = add_on.default_alpha
+    stochnorm = next((m.stochnorm for m in methods if m.stochnorm is not None), None)
+    return Method(name, base.weight_decay if base else 1e-4, tuple(terms),
+                  linear_probe=any(m.linear_probe for m in methods),
+                  weight_ensemble=any(m.weight_ensemble for m in methods), stochnorm=stochnorm,
+                  description=" + ".join(m.description for m in methods),
+                  default_alpha=base.default_alpha if base else None, term_weights=MappingProxyType(weights))

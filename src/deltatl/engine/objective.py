@@ -108,8 +108,6 @@ class Objective(nn.Module):
             self.add_module(module.key, module)
         self.layers: tuple[str, ...] = tuple(dict.fromkeys(n for _, m in self._terms for n in m.source_layers))
         self._head_input: Tensor | None = None
-        if any(m.reads_head_input for _, m in self._terms):
-            head_module(model).register_forward_pre_hook(self._record_head_input)
         self._source_logits_needed = any(m.reads_source_logits for _, m in self._terms)
         if any(m.uses_source_head for _, m in self._terms) and source_model is None:
             raise DeltatlError(f"method {method} needs the pretrained network with its own classifier (source_model)")
@@ -136,6 +134,8 @@ class Objective(nn.Module):
             if not self._source_logits_needed:  # nothing after the last tapped layer is needed
                 for name in self.layers:
                     self.source.get_submodule(name).register_forward_hook(self._stop_source_early)
+        if any(m.reads_head_input for _, m in self._terms):  # after the source's copy: not on the source
+            head_module(model).register_forward_pre_hook(self._record_head_input)
 
     def _record_head_input(self, _module: nn.Module, args: tuple[Tensor, ...]) -> None:
         self._head_input = args[0]
@@ -253,7 +253,8 @@ class Objective(nn.Module):
         inputs = StepInputs(images, labels, logits, self.target_hooks.pop() if self.source is not None else {}, source,
                             head_input, source_logits)
         for term, module in self._terms:
-            weight = self.alpha if term.weight == "alpha" else self.beta
+            weight = (self.alpha if term.weight == "alpha" else self.beta if term.weight == "beta"
+                      else self.method.term_weights[term.weight])  # a joined method's term: its authors' weight
             if weight or term.weight == "alpha":  # a head term at beta 0 is skipped (not logged)
                 terms[f"reg/{module.key}"] = module(inputs, weight)
         loss = ce + sum(terms.values()) if terms else ce
