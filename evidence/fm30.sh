@@ -6,7 +6,7 @@
 # summary.json and metrics.jsonl are committed), interrupted ones continue (--resume). Run it again
 # until it prints "all done"; each stage prints its table when complete.
 #
-#   evidence/fm30.sh [stage...]     stages: search-l2-sp rifle search-delta compare relative
+#   evidence/fm30.sh [stage...]     stages: search-l2-sp rifle search-delta compare relative beyond
 #                                   (default: all, in that order: RIFLE's table needs only L2-SP's alpha)
 #
 # Two processes share the machine's cores (OMP_NUM_THREADS=1 each): search stages run two workers
@@ -77,8 +77,18 @@ stage_rifle() {  # RIFLE on its authors' recipe: 40 epochs, cosine learning rate
     --alpha-grid "l2-sp=$(chosen $OUT/search/l2-sp)"
 }
 
+stage_beyond() {  # the methods beyond the papers (issue: BSS, LwF, Co-Tuning, StochNorm, LP-FT, WiSE-FT)
+  # each weight by 5-fold CV around its authors' default, then one table with the papers' methods
+  search bss "$OUT/search/bss" --alpha-grid 0.0001 0.001 0.01
+  search lwf "$OUT/search/lwf" --alpha-grid 0.1 1 4
+  search co-tuning "$OUT/search/co-tuning" --alpha-grid 0.5 2.3 5
+  compare "$OUT/compare" "l2 l2-fe lp-ft wise-ft stochnorm" "bss lwf co-tuning delta delta+bss" \
+    --alpha-grid "bss=$(chosen $OUT/search/bss)" "lwf=$(chosen $OUT/search/lwf)" \
+    "co-tuning=$(chosen $OUT/search/co-tuning)"
+}
+
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(search-l2-sp rifle search-delta compare relative)
+[ ${#stages[@]} -gt 0 ] || stages=(search-l2-sp rifle search-delta compare relative beyond)
 for stage in "${stages[@]}"; do
   echo "== $stage"
   "stage_$stage"
