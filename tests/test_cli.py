@@ -23,6 +23,7 @@ SUMMARY_KEYS = {"method", "model", "val_top1", "test_top1", "epochs", "seconds"}
     (["train"], "--train-per-class"),
     (["eval"], "--split"),
     (["predict"], "--top-k"),
+    (["export"], "--out"),
     (["demo"], "--methods"),
 ])
 def test_help_works_for_every_subcommand(capsys, command, flag):

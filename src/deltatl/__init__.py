@@ -19,6 +19,7 @@ _PUBLIC = {  # name -> the module that defines it
     "rifle_steps": ".engine.rifle",
     "create_model": ".models",
     "train_run": ".run",
+    "load_model": ".export",
 }
 __all__ = [*_PUBLIC, "__version__"]
 
@@ -42,4 +43,5 @@ if TYPE_CHECKING:
     from .engine.objective import Objective as Objective
     from .engine.rifle import rifle_steps as rifle_steps
     from .models import create_model as create_model
+    from .export import load_model as load_model
     from .run import train_run as train_run

@@ -169,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _train_options(p)
 
+    p = sub.add_parser("export", help="a run's model in timm's Hugging Face layout (timm loads it, no deltatl)")
+    p.add_argument("run", help="a run directory or its checkpoint.pt")
+    p.add_argument("--out", required=True, help="the folder to write (config.json, model.safetensors)")
+
     p = sub.add_parser("eval", help="evaluate a run's checkpoint on a split of its dataset")
     p.add_argument("checkpoint", help="a run directory or its checkpoint.pt")
     p.add_argument("--split", choices=("train", "val", "test"), default="test")
@@ -179,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="top-k classes of image files")
     p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--checkpoint", help="a run directory or checkpoint.pt (default: the embedded ImageNet model)")
+    p.add_argument("--checkpoint", help="a run directory, its checkpoint.pt or a `deltatl export` folder "
+                   "(default: the embedded ImageNet model)")
     p.add_argument("--top-k", type=_at_least_one, default=5)
     p.add_argument("--device", default="auto")
 
@@ -377,6 +382,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_run
+
+    print(f"exported to {export_run(args.run, args.out)} (timm.create_model('local-dir:{args.out}', pretrained=True))")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import build_report
 
@@ -398,7 +410,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run(resolve(args))
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "demo": cmd_demo, "compare": cmd_compare,
+COMMANDS = {"train": cmd_train, "export": cmd_export, "eval": cmd_eval, "predict": cmd_predict, "demo": cmd_demo, "compare": cmd_compare,
             "search": cmd_search, "attention": cmd_attention, "report": cmd_report, "bench": cmd_bench}
 
 

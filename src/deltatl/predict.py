@@ -17,6 +17,7 @@ from .engine import checkpoint as ckpt
 from .engine.evaluate import crop_logits, evaluate
 from .engine.fit import CHECKPOINT
 from .errors import DeltatlError
+from .export import is_export, load_model
 from .models import create_model, load_state_dict_strict, preprocessing
 from .run import open_splits, resolve_device
 
@@ -73,17 +74,24 @@ def _imagenet_names() -> list[str]:
 @torch.inference_mode()
 def predict_files(paths: Sequence[str], *, checkpoint: str | None = None, top_k: int = 5,
                   device: str = "auto") -> list[tuple[str, list[tuple[str, float]]]]:
-    """``[(path, [(class name, probability), ...]), ...]`` for each image file."""
-    if checkpoint:
-        model, info = load_trained(checkpoint)
-        names, image_size, resize = info["classes"], info["config"]["image_size"], info["config"]["resize"]
-        keep_aspect, ten_crop = info["config"].get("keep_aspect", False), info["config"].get("ten_crop", False)
+    """``[(path, [(class name, probability), ...]), ...]`` for each image file. ``checkpoint``: a run
+    (directory or ``checkpoint.pt``) or a ``deltatl export`` folder; None: the embedded ImageNet model."""
+    if checkpoint and is_export(checkpoint):
+        import timm.data
+
+        model, names = load_model(checkpoint)
+        transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
     else:
-        model, names, image_size, resize = create_model(num_classes=None).eval(), _imagenet_names(), 224, 256
-        keep_aspect = ten_crop = False
+        if checkpoint:
+            model, info = load_trained(checkpoint)
+            names, image_size, resize = info["classes"], info["config"]["image_size"], info["config"]["resize"]
+            keep_aspect, ten_crop = info["config"].get("keep_aspect", False), info["config"].get("ten_crop", False)
+        else:
+            model, names, image_size, resize = create_model(num_classes=None).eval(), _imagenet_names(), 224, 256
+            keep_aspect = ten_crop = False
+        transform = evaluation_transform(image_size, preprocessing(model), resize, keep_aspect, ten_crop)
     dev = resolve_device(device)
     model.to(dev)
-    transform = evaluation_transform(image_size, preprocessing(model), resize, keep_aspect, ten_crop)
     results = []
     for path in paths:
         try:

@@ -1,0 +1,76 @@
+"""A fine-tuned model outside deltatl: timm's own Hugging Face folder layout, and loading it back.
+
+``deltatl export RUN --out DIR`` writes ``DIR/config.json`` and the weights with timm's
+``save_for_hf``: the architecture, ``num_classes``, ``label_names`` (the run's class names) and a
+``pretrained_cfg`` holding the run's evaluation preprocessing (input size, resize and crop, mean, std,
+interpolation), so that::
+
+    model = timm.create_model("local-dir:DIR", pretrained=True)
+    transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
+
+is the fine-tuned model with its preprocessing, no deltatl needed (images converted to RGB first).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from torch import nn
+
+from .data.transforms import default_resize
+from .errors import DeltatlError
+from .models import TORCHVISION_PREFIX, preprocessing
+from .outputs import check_output_folder
+
+EXPORT_FILES = ("config.json", "pytorch_model.bin", "model.safetensors", "*.tmp")
+
+
+def data_config(config: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+    """timm's preprocessing keys for a run's evaluation transform: resize to ``resize`` (a square, or
+    the shorter edge with ``keep_aspect``: timm's ``squash`` / ``center`` crop modes), centre crop to
+    ``image_size``, normalise."""
+    size = int(config["image_size"])
+    resize = config.get("resize") or default_resize(size)
+    pre = preprocessing(model)
+    return {"input_size": (3, size, size), "crop_pct": size / resize,
+            "crop_mode": "center" if config.get("keep_aspect") else "squash",
+            "mean": tuple(pre.mean), "std": tuple(pre.std), "interpolation": pre.interpolation}
+
+
+def export_run(run: str, out: str) -> str:
+    """Write the run's model (a directory or its ``checkpoint.pt``) into ``out`` in timm's layout."""
+    from timm.models import save_for_hf
+
+    from .predict import load_trained
+
+    model, info = load_trained(run)
+    config = info["config"]
+    if str(config["model"]).startswith(TORCHVISION_PREFIX):
+        raise DeltatlError(f"{run} is a torchvision model; timm's layout holds timm models only")
+    check_output_folder(out, "export", EXPORT_FILES)
+    save_for_hf(model, out, model_config={"label_names": list(info["classes"])},
+                data_config=data_config(config, model), safe_serialization=True)
+    with open(os.path.join(out, "config.json")) as f:
+        json.load(f)  # written by timm: make sure it is whole before saying so
+    return out
+
+
+def is_export(path: str) -> bool:
+    """Whether ``path`` is a ``deltatl export`` folder (timm's layout) rather than a run."""
+    return os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(os.path.join(path, "checkpoint.pt"))
+
+
+def load_model(path: str) -> tuple[nn.Module, list[str]]:
+    """A fine-tuned model in eval mode and its class names, from a run (directory or checkpoint) or an
+    export folder (``config.json``)."""
+    if is_export(path):
+        import timm
+
+        with open(os.path.join(path, "config.json")) as f:
+            names = json.load(f).get("label_names") or []
+        return timm.create_model(f"local-dir:{os.path.abspath(path)}", pretrained=True).eval(), list(names)
+    from .predict import load_trained
+
+    model, info = load_trained(path)
+    return model, list(info["classes"])
