@@ -267,3 +267,24 @@ def test_lp_ft_starts_fine_tuning_from_the_linear_probe_head(cli, image_folder, 
     assert all(torch.equal(started["backbone"][n], probe["model"][n]) for n in started["backbone"])  # frozen in the probe
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["attention_epochs"] == 2 and "attention_temperature" not in config and "alpha" not in config
+
+
+def test_tensorboard_events_hold_every_logged_scalar_the_learning_rates_rifle_and_hparams(cli, image_folder,
+                                                                                         tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "tb"
+    result = cli("train", "--data", image_folder(), *TINY_TRAIN_ARGS, "--epochs", "3", "--method", "l2-sp",
+                 "--rifle", "1", "--tensorboard", "--out", run)
+    assert result.code == 0, result.err
+    events = EventAccumulator(str(run)).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/ce", "train/reg/l2sp", "train/reg/head", "val/top1", "lr/backbone", "lr/head",
+            "head/norm", "events/rifle"} <= tags
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in rows if "epoch" in r]
+    assert [e.step for e in events.Scalars("train/loss")] == [r["step"] for r in epochs]
+    assert [e.value for e in events.Scalars("val/top1")] == pytest.approx([r["val/top1"] for r in epochs])
+    assert [e.step for e in events.Scalars("events/rifle")] == [r["step"] for r in rows if r.get("event") == "rifle"]
+    assert (run / "hparams").is_dir()  # the settings with the final scores
+    assert "tensorboard" not in yaml.safe_load((run / "config.yaml").read_text())  # does not change the result

@@ -145,6 +145,8 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
     add("--device", help="cpu, cuda, cuda:N, mps or auto (default auto)")
     add("--workers", type=int, help="data-loading processes (default 0)")
     add("--eval-every", type=int, help="validate every N epochs (default 1)")
+    add("--tensorboard", action="store_true",
+        help="also write TensorBoard event files in the run directory (tensorboard --logdir runs)")
     add("--out", help="run directory (default runs/<method>_<data>_<model>_seed<seed>)")
     add("--amp", choices=("none", "bf16", "fp16"),
         help="mixed precision: bf16 autocast, or fp16 with a gradient scaler; loss terms stay float32 "

@@ -105,6 +105,7 @@ class TrainConfig:
     eval_every: int = 1
     out: str | None = None
     attention_cache: str | None = None  # default ~/.cache/deltatl/attention
+    tensorboard: bool = False  # TensorBoard event files in the run directory
 
     DEFAULT_EPOCHS = 10
 
@@ -176,7 +177,7 @@ class TrainConfig:
     def result_fields(self) -> dict[str, Any]:
         """The fields that define what a run computes (compared when a run directory is reused): the
         execution settings and those the method does not use are left out, alpha is resolved."""
-        skip = {"device", "workers", "out", "attention_cache", "channels_last", "compile"}
+        skip = {"device", "workers", "out", "attention_cache", "channels_last", "compile", "tensorboard"}
         method = METHODS.get(self.method)
         if method is not None:
             if not method.uses("alpha"):

@@ -5,7 +5,8 @@ imports one of these modules and does not find it tells the user which extra to 
 """
 from __future__ import annotations
 
-EXTRA_OF_MODULE = {"optuna": "search", "matplotlib": "analysis", "scipy": "analysis", "psycopg": "postgres"}
+EXTRA_OF_MODULE = {"optuna": "search", "matplotlib": "analysis", "scipy": "analysis", "psycopg": "postgres",
+                   "tensorboard": "tensorboard"}
 
 
 def missing_extra_message(error: ModuleNotFoundError) -> str | None:

@@ -230,7 +230,7 @@ def train_run(config: TrainConfig, *, resume: bool = False, progress: bool = Tru
                lr_min_factor=config.lr_min_factor, device=device, seed=config.seed, num_workers=config.workers,
                eval_every=config.eval_every, rifle=rifle, resume=resume, progress=progress, run_info=run_info,
                dist=dist, amp=config.amp, channels_last=config.channels_last, compile_model=config.compile,
-               sync_bn=config.sync_bn, disturb=disturb)
+               sync_bn=config.sync_bn, disturb=disturb, tensorboard=config.tensorboard)
     if not method.weight_ensemble:
         return summary
     return dist.on_rank0(lambda: finish_weight_ensemble(config, objective.model, start, summary, run_dir, fit_dir,

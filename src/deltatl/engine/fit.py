@@ -257,7 +257,8 @@ class _Loop:
                  batch_size: int, lr: float, momentum: float, weight_decay: float, schedule: str,
                  decay_fraction: float, device: torch.device, seed: int, num_workers: int, log_every: int,
                  hooks: Sequence[StepHook], progress: bool, run_info: dict[str, Any] | None, dist: DistEnv,
-                 amp: str, channels_last: bool, sync_every: int | None, lr_cycles: int, lr_min_factor: float):
+                 amp: str, channels_last: bool, sync_every: int | None, lr_cycles: int, lr_min_factor: float,
+                 tensorboard: bool = False):
         self.objective, self.train_set, self.run_dir, self.total_steps = objective, train_set, run_dir, total_steps
         self.batch_size, self.device, self.seed, self.num_workers = batch_size, device, seed, num_workers
         self.log_every, self.hooks, self.progress, self.run_info, self.dist = log_every, hooks, progress, run_info, dist
@@ -293,6 +294,8 @@ class _Loop:
         self.sums = running_sums(device)
         self.state = _Progress()
         self.started = time.perf_counter()
+        self.tensorboard = tensorboard and self.primary
+        self.writer: Any = None
 
     # --- checkpoints ---------------------------------------------------------------------------------
 
@@ -317,6 +320,25 @@ class _Loop:
         ckpt.set_rng_state(state.get("rng_per_rank", [state["rng"]])[self.dist.rank])
         if self.primary:
             _truncate_metrics(self.metrics_path, self.state.step)
+
+    def open_tensorboard(self) -> None:
+        """The event writer (rank 0, ``--tensorboard``); events after a resumed step are purged."""
+        if self.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(self.run_dir, purge_step=self.state.step or None)
+
+    def log_events(self, row: dict[str, Any]) -> None:
+        """An epoch's row (``metrics.jsonl``) as TensorBoard scalars, plus every group's learning rate."""
+        if self.writer is None:
+            return
+        step = row["step"]
+        for key, value in row.items():
+            if key not in ("epoch", "step", "lr", "seconds", "event") and isinstance(value, (int, float)):
+                self.writer.add_scalar(key, value, step)
+        for group in self.optimizer.param_groups:
+            self.writer.add_scalar(f"lr/{group.get('name', 'group')}", group["lr"], step)
+        self.writer.flush()
 
     def seconds(self) -> float:
         return self.state.elapsed + time.perf_counter() - self.started
@@ -402,6 +424,8 @@ class _Loop:
                 event = hook.after_step(self.context())
                 if event and self.primary:
                     _append_metrics(self.metrics_path, {"step": step, "event": event})
+                    if self.writer is not None:
+                        self.writer.add_scalar(f"events/{event}", 1, step)
             if step % self.log_every == 0 and not bar.disable:  # a host sync, at logging steps only
                 bar.set_postfix(loss=f"{(self.sums['loss'] / self.sums['count']).item():.3f}")
             boundary = step >= self.total_steps or step % self.steps_per_epoch == 0
@@ -445,6 +469,7 @@ class _Loop:
         row["seconds"] = self.seconds()
         if self.primary:
             _append_metrics(self.metrics_path, row)
+            self.log_events(row)
         self.save()
 
     def run(self, net: nn.Module, val_set: Dataset | None, eval_every: int) -> None:
@@ -483,6 +508,12 @@ class _Loop:
         if self.primary:
             with atomic_open(os.path.join(self.run_dir, SUMMARY)) as f:
                 json.dump({k: _strict(v) for k, v in summary.items()}, f, indent=2, allow_nan=False)
+        if self.writer is not None:
+            hparams = {k: v for k, v in ((self.run_info or {}).get("config") or {}).items()
+                       if isinstance(v, (int, float, str, bool))}
+            metrics = {f"hparam/{k}": summary[k] for k in ("val_top1", "test_top1") if summary.get(k) is not None}
+            self.writer.add_hparams(hparams, metrics, run_name="hparams")
+            self.writer.close()
         return summary
 
 
@@ -494,7 +525,8 @@ def fit(objective: Objective, train_set: TransformedImages, val_set: Dataset | N
         run_info: dict[str, Any] | None = None, dist: DistEnv = SINGLE, amp: str = "none",
         channels_last: bool = False, compile_model: bool = False, sync_bn: bool = False,
         sync_every: int | None = None, lr_cycles: int = 1, lr_min_factor: float = 0.0,
-        disturb: DisturbLabel | None = None, hooks: Sequence[StepHook] = ()) -> dict[str, Any]:
+        disturb: DisturbLabel | None = None, hooks: Sequence[StepHook] = (),
+        tensorboard: bool = False) -> dict[str, Any]:
     """Train ``objective`` with SGD for ``total_steps`` steps and evaluate it.
 
     Validation accuracy is measured every ``eval_every`` epochs and at the end; the test set is
@@ -512,6 +544,9 @@ def fit(objective: Objective, train_set: TransformedImages, val_set: Dataset | N
         disturb: DisturbLabel, applied to every training batch's labels (seeded by the step, so
             resuming and DDP stay exact); see :mod:`deltatl.engine.tricks`.
         hooks: further step hooks (:mod:`deltatl.engine.hooks`), after ``disturb`` and ``rifle``.
+        tensorboard: also write TensorBoard events in ``run_dir`` (rank 0): every logged scalar at its
+            step, each parameter group's learning rate (``lr/<group>``), hooks' events
+            (``events/rifle``), and the run's settings with its final scores as hparams.
         run_info: stored in the checkpoint and the summary (method, model, classes, config...).
         dist: the process's place in a DDP job (every process calls ``fit`` with the same arguments).
             The objective must have been built with ``distance_scale=world_size`` for DELTA's
@@ -533,8 +568,9 @@ def fit(objective: Objective, train_set: TransformedImages, val_set: Dataset | N
                  momentum=momentum, weight_decay=weight_decay, schedule=schedule, decay_fraction=decay_fraction,
                  device=device, seed=seed, num_workers=num_workers, log_every=log_every, hooks=all_hooks,
                  progress=progress, run_info=run_info, dist=dist, amp=amp, channels_last=channels_last,
-                 sync_every=sync_every, lr_cycles=lr_cycles, lr_min_factor=lr_min_factor)
+                 sync_every=sync_every, lr_cycles=lr_cycles, lr_min_factor=lr_min_factor, tensorboard=tensorboard)
     loop.restore(resume)
+    loop.open_tensorboard()
     net = loop.wrap_networks(compile_model, sync_bn)
     loop.run(net, val_set, eval_every)
     return loop.finish(val_set, test_set)
