@@ -207,6 +207,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha-grid", nargs="*", default=None, help="candidate alphas, e.g. 1e-4 1e-3 1e-2")
     p.add_argument("--beta-grid", nargs="*", default=None, help="candidate betas (default: --beta alone)")
     p.add_argument("--lr-grid", nargs="*", default=None, help="candidate learning rates (default: --lr alone)")
+    p.add_argument("--alpha-range", nargs=2, type=float, metavar=("LOW", "HIGH"),
+                   help="instead of a grid: Optuna's TPE sampler draws alpha log-uniformly from [LOW, HIGH]")
+    p.add_argument("--beta-range", nargs=2, type=float, metavar=("LOW", "HIGH"), help="likewise for beta")
+    p.add_argument("--lr-range", nargs=2, type=float, metavar=("LOW", "HIGH"), help="likewise for the learning rate")
+    p.add_argument("--trials", type=_at_least_one, default=20,
+                   help="with ranges: trials to finish, over all workers (default 20)")
+    p.add_argument("--sampler-seed", type=int, default=0, help="with ranges: the TPE sampler's seed (default 0)")
+    p.add_argument("--no-prune", dest="prune", action="store_false",
+                   help="with ranges: run every fold of every trial (default: the median pruner stops a trial "
+                        "whose first folds score below the median of earlier trials)")
     p.add_argument("--folds", type=int, default=5, help="k of the stratified k-fold split of the training "
                                                         "split (default 5)")
     p.add_argument("--storage", help="study database shared by workers on several machines, e.g. "
@@ -330,13 +340,18 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     _given_grids(args)
     skip = ("command", "config", "alpha_grid", "beta_grid", "lr_grid", "folds", "storage", "study_name", "poll",
-            "quiet", "resume")
+            "quiet", "resume", "alpha_range", "beta_range", "lr_range", "trials", "sampler_seed", "prune")
     file_values = load_yaml(args.config) if args.config else {}
     # Every training image takes part in the folds unless a held-out validation split is asked for.
     base = make_config({"val_per_class": 0, **file_values}, {k: v for k, v in vars(args).items() if k not in skip})
     grid = Grid(parse_grid_values("--alpha-grid", args.alpha_grid or []),
                 parse_grid_values("--beta-grid", args.beta_grid or []), parse_grid_values("--lr-grid", args.lr_grid or []))
     out = base.out or os.path.join("runs", f"search_{base.method}")
+    ranges = [args.alpha_range, args.beta_range, args.lr_range]
+    if any(ranges):
+        if grid.names():
+            raise DeltatlError("give either grids (--alpha-grid ...) or ranges (--alpha-range ...), not both")
+        return _sampled_search(args, base, out)
     check_search(base, grid, args.folds, out)  # before the data is opened
     import optuna
 
@@ -345,6 +360,26 @@ def cmd_search(args: argparse.Namespace) -> int:
                      storage=args.storage, study_name=args.study_name, poll_seconds=args.poll,
                      train=lambda c: train_run(c, resume=args.resume, progress=not args.quiet))
     print(markdown(results), end="")
+    print(f"(search.json, search.md, the folds and every run directory in {out})")
+    return 0
+
+
+def _sampled_search(args: argparse.Namespace, base: TrainConfig, out: str) -> int:
+    """``deltatl search`` with ranges: Optuna's TPE sampler and median pruner (deltatl.sampled_search)."""
+    import optuna
+
+    from .run import open_splits, train_run
+    from .sampled_search import Ranges, check_sampled_search, sampled_markdown, sampled_search
+
+    ranges = Ranges(*(tuple(r) if r else None for r in (args.alpha_range, args.beta_range, args.lr_range)))
+    check_sampled_search(base, ranges, args.folds, args.trials, out)  # before the data is opened
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study_name = args.study_name if args.study_name != "deltatl-search" else "deltatl-search-tpe"
+    results = sampled_search(base, open_splits(base, progress=not args.quiet).train, ranges, out, trials=args.trials,
+                             folds=args.folds, storage=args.storage, study_name=study_name,
+                             sampler_seed=args.sampler_seed, prune=args.prune, poll_seconds=args.poll,
+                             train=lambda c: train_run(c, resume=args.resume, progress=not args.quiet))
+    print(sampled_markdown(results), end="")
     print(f"(search.json, search.md, the folds and every run directory in {out})")
     return 0
 
