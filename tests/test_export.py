@@ -71,3 +71,17 @@ def test_export_refuses_a_folder_of_other_files_and_a_missing_run(cli, trained, 
     result = cli("export", trained, "--out", busy)
     assert result.code == 2 and "did not write (notes.txt)" in result.err
     assert cli("export", tmp_path / "nowhere", "--out", tmp_path / "e").code == 2
+
+
+def test_the_onnx_export_gives_pytorchs_logits_in_onnxruntime(cli, trained, tmp_path):
+    import onnxruntime
+
+    out = tmp_path / "export"
+    result = cli("export", trained, "--out", out, "--format", "onnx")
+    assert result.code == 0, result.err
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"))
+    model, _ = load_trained(trained)
+    for batch in (1, 5):  # a dynamic batch
+        images = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
+        [logits] = session.run(["logits"], {"images": images.numpy()})
+        assert np.allclose(logits, model(images).detach().numpy(), atol=1e-5)

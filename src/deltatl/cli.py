@@ -174,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="a run's model in timm's Hugging Face layout (timm loads it, no deltatl)")
     p.add_argument("run", help="a run directory or its checkpoint.pt")
     p.add_argument("--out", required=True, help="the folder to write (config.json, model.safetensors)")
+    p.add_argument("--format", choices=("timm", "onnx"), default="timm",
+                   help="onnx: also model.onnx (input 'images', dynamic batch; output 'logits')")
 
     p = sub.add_parser("eval", help="evaluate a run's checkpoint on a split of its dataset")
     p.add_argument("checkpoint", help="a run directory or its checkpoint.pt")
@@ -422,7 +424,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_run
 
-    print(f"exported to {export_run(args.run, args.out)} (timm.create_model('local-dir:{args.out}', pretrained=True))")
+    out = export_run(args.run, args.out, onnx=args.format == "onnx")
+    print(f"exported to {out} (timm.create_model('local-dir:{out}', pretrained=True)"
+          + (f"; ONNX: {os.path.join(out, 'model.onnx')})" if args.format == "onnx" else ")"))
     return 0
 
 

@@ -23,7 +23,7 @@ from .errors import DeltatlError
 from .models import TORCHVISION_PREFIX, preprocessing
 from .outputs import check_output_folder
 
-EXPORT_FILES = ("config.json", "pytorch_model.bin", "model.safetensors", "*.tmp")
+EXPORT_FILES = ("config.json", "pytorch_model.bin", "model.safetensors", "model.onnx", "*.tmp")
 
 
 def data_config(config: dict[str, Any], model: nn.Module) -> dict[str, Any]:
@@ -38,8 +38,10 @@ def data_config(config: dict[str, Any], model: nn.Module) -> dict[str, Any]:
             "mean": tuple(pre.mean), "std": tuple(pre.std), "interpolation": pre.interpolation}
 
 
-def export_run(run: str, out: str) -> str:
-    """Write the run's model (a directory or its ``checkpoint.pt``) into ``out`` in timm's layout."""
+def export_run(run: str, out: str, onnx: bool = False) -> str:
+    """Write the run's model (a directory or its ``checkpoint.pt``) into ``out`` in timm's layout; with
+    ``onnx`` also ``model.onnx`` (input ``images``: a batch of any size of preprocessed images, output
+    ``logits``)."""
     from timm.models import save_for_hf
 
     from .predict import load_trained
@@ -53,7 +55,26 @@ def export_run(run: str, out: str) -> str:
                 data_config=data_config(config, model), safe_serialization=True)
     with open(os.path.join(out, "config.json")) as f:
         json.load(f)  # written by timm: make sure it is whole before saying so
+    if onnx:
+        export_onnx(model, int(config["image_size"]), os.path.join(out, "model.onnx"))
     return out
+
+
+def export_onnx(model: nn.Module, image_size: int, path: str) -> None:
+    """``model`` (eval mode) as ONNX with a dynamic batch (PyTorch's torch.export-based exporter, which
+    needs onnxscript: the ``onnx`` extra), written to a temporary name and renamed."""
+    import torch
+
+    example = torch.zeros(1, 3, image_size, image_size)
+    program = torch.onnx.export(model.eval(), (example,), input_names=["images"], output_names=["logits"],
+                                dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, verbose=False)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        program.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def is_export(path: str) -> bool:

@@ -6,7 +6,7 @@ imports one of these modules and does not find it tells the user which extra to 
 from __future__ import annotations
 
 EXTRA_OF_MODULE = {"optuna": "search", "matplotlib": "analysis", "scipy": "analysis", "psycopg": "postgres",
-                   "tensorboard": "tensorboard"}
+                   "tensorboard": "tensorboard", "onnx": "onnx", "onnxscript": "onnx", "onnxruntime": "onnx"}
 
 
 def missing_extra_message(error: ModuleNotFoundError) -> str | None:
