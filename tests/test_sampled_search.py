@@ -37,15 +37,25 @@ def test_the_sampler_draws_in_the_range_prunes_the_hopeless_and_refits_the_best_
     assert trainer.refits() == [best["params"]["alpha"]]
     assert (tmp_path / "s" / "search.md").read_text().count("| pruned |") == len(pruned)
     assert json.loads((tmp_path / "s" / "search.json").read_text())["chosen_trial"] == results["chosen_trial"]
+    assert results["figures"] == ["optimization_history.png"]  # one parameter: no importances
+    assert (tmp_path / "s" / "optimization_history.png").stat().st_size > 1000
+    assert "![optimization history](optimization_history.png)" in (tmp_path / "s" / "search.md").read_text()
     # the same seed draws the same points; a finished study is reused, nothing trained again but the refit
     again = FakeTrainer(peaked)
     assert run(tmp_path / "s", again, trials=12)["chosen"] == results["chosen"]
     assert again.fold_calls() == {} and len(again.refits()) == 1
 
 
-def test_without_pruning_every_trial_runs_every_fold(tmp_path):
-    results = run(tmp_path / "s", FakeTrainer(peaked), trials=6, prune=False)
+def test_without_pruning_every_trial_runs_every_fold_and_two_parameters_get_importances(tmp_path):
+    def score(config):
+        return {"val_top1": peaked(config.alpha, config.cv_fold or 0) - 100 * abs(config.lr - 0.01),
+                "test_top1": 70.0, "seconds": 1.0}
+
+    results = sampled_search(TrainConfig(method="l2-sp"), train_split(), Ranges(alpha=(1e-5, 1.0), lr=(1e-3, 0.1)),
+                             str(tmp_path / "s"), trials=6, folds=2, train=score, prune=False, log=lambda m: None)
     assert all(t["state"] == "complete" and len(t["val_top1"]) == 2 for t in results["trials"])
+    assert set(results["chosen"]) == {"alpha", "lr"}
+    assert results["figures"] == ["optimization_history.png", "param_importances.png"]
 
 
 def test_another_search_in_the_same_study_is_refused(tmp_path):

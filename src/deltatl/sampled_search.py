@@ -122,8 +122,39 @@ def sampled_search(base: TrainConfig, train_split: ImageCollection, ranges: Rang
     refit = _train_once(refit_config(base, best.params, out), train, poll_seconds)
     results = _results(base, ranges, folds, study, best, refit, out)
     results["storage"] = redact(url)
+    results["figures"] = write_figures(study, out, len(ranges.names()))
     write_sampled_results(out, results)
     return results
+
+
+def write_figures(study: optuna.Study, out: str, parameters: int) -> list[str]:
+    """Optuna's own plots, where they apply: the optimisation history, and with two or more searched
+    parameters their importances (fANOVA). Needs matplotlib (the ``analysis`` extra); without it, none."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from optuna.visualization import matplotlib as plots
+    except ImportError:
+        return []
+    import warnings
+
+    figures = [("optimization_history.png", plots.plot_optimization_history)]
+    if parameters >= 2:
+        figures.append(("param_importances.png", plots.plot_param_importances))
+    written = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
+        for name, plot in figures:
+            axes = plot(study)
+            figure = axes.figure
+            figure.set_size_inches(7, 4)
+            figure.tight_layout()
+            with atomic_open(os.path.join(out, name), "wb") as f:
+                figure.savefig(f, format="png", dpi=100)
+            matplotlib.pyplot.close(figure)
+            written.append(name)
+    return written
 
 
 def _train_once(config: TrainConfig, train: Callable[[TrainConfig], dict[str, Any]],
@@ -180,7 +211,8 @@ def sampled_markdown(results: dict[str, Any]) -> str:
     lines += ["", f"Chosen: {', '.join(f'{n} = {v:.3g}' for n, v in results['chosen'].items())} "
                   f"(trial {results['chosen_trial']}; {results['rule']}).",
               f"Refit on the whole training split ({refit.get('train_images', '?')} images): test top-1 {test}."]
-    return "\n".join(lines) + "\n"
+    lines += [""] + [f"![{name[:-4].replace('_', ' ')}]({name})" for name in results.get("figures", [])]
+    return "\n".join(lines).rstrip() + "\n"
 
 
 def write_sampled_results(out: str, results: dict[str, Any]) -> None:

@@ -63,7 +63,8 @@ from .errors import DeltatlError
 from .outputs import atomic_open, check_output_folder
 
 # What search writes in --out (the study database with its journal files, the folds, the runs, results).
-OWN_FILES = ("study.db*", "folds", "trials", "refit", "search.json", "search.md", "*.tmp")
+OWN_FILES = ("study.db*", "folds", "trials", "refit", "search.json", "search.md", "*.tmp",
+             "optimization_history.png", "param_importances.png")
 STUDY_FILE = "study.db"  # the embedded SQLite study, in --out
 DEFAULT_STUDY = "deltatl-search"
 SPEC_ATTR = "deltatl_search"  # study user attribute: what the study searches (checked by every worker)
