@@ -77,3 +77,20 @@ def test_bad_ranges_are_one_error_line(capsys, tmp_path, flags, fragment):
         code = exc.code
     assert code == 2
     assert fragment in capsys.readouterr().err
+
+
+def test_a_real_tpe_search_on_the_tiny_model_trains_its_folds_and_refit(cli, image_folder, tmp_path):
+    from conftest import TINY_TRAIN_ARGS
+
+    out = tmp_path / "tpe"
+    result = cli("search", "--data", image_folder(), *TINY_TRAIN_ARGS, "--method", "l2-sp",
+                 "--alpha-range", "1e-4", "1e-1", "--trials", "3", "--folds", "2", "--poll", "0.01", "--out", out)
+    assert result.code == 0, result.err
+    results = json.loads((out / "search.json").read_text())
+    assert len(results["trials"]) == 3
+    for trial in results["trials"]:
+        for fold, score in enumerate(trial["val_top1"]):
+            run = out / "trials" / f"alpha{trial['params']['alpha']!r}" / f"fold{fold}"
+            assert json.loads((run / "summary.json").read_text())["val_top1"] == score
+    refit = json.loads((out / "refit" / f"alpha{results['chosen']['alpha']!r}" / "summary.json").read_text())
+    assert refit["test_top1"] == results["refit"]["test_top1"] and "TPE sampler" in result.out
