@@ -133,42 +133,15 @@ def _stop_on_signals() -> Iterator[dict[str, int]]:
             signal.signal(s, h)
 
 
-class AutocastForward(nn.Module):
-    """Runs ``inner`` under autocast and returns its floating-point output in float32, so that what
-    is computed from it (the loss) is computed in float32 and outside autocast."""
-
-    def __init__(self, inner: nn.Module, device_type: str, dtype: torch.dtype):
-        super().__init__()
-        self.inner, self.device_type, self.dtype = inner, device_type, dtype
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        with torch.autocast(device_type=self.device_type, dtype=self.dtype):
-            out = self.inner(*args, **kwargs)
-        return out.float() if isinstance(out, Tensor) and out.is_floating_point() else out
-
-
 @contextmanager
-def _training_networks(objective: Objective, net: nn.Module, device_type: str,
-                       amp_dtype: torch.dtype | None) -> Iterator[None]:
-    """Put ``net`` (the target, possibly compiled and DDP-wrapped) in place of ``objective.model``,
-    both networks under autocast if ``amp_dtype``; restore the bare networks on exit. The hooks,
-    the L2-SP parameters and RIFLE's head are inner modules and parameters, unaffected."""
-    bare, source = objective.model, getattr(objective, "source", None)
-    objective.model = AutocastForward(net, device_type, amp_dtype) if amp_dtype else net
-    if source is not None and amp_dtype:
-        objective.source = AutocastForward(source, device_type, amp_dtype)
+def autocast_networks(objective: Objective, device_type: str, dtype: torch.dtype) -> Iterator[Objective]:
+    """``objective``'s forward with its networks under autocast inside the block (what ``fit`` does with
+    ``amp``); the loss terms stay float32."""
+    objective.prepare(device_type=device_type, amp_dtype=dtype)
     try:
-        yield
+        yield objective
     finally:
-        objective.model = bare
-        if source is not None:
-            objective.source = source
-
-
-def autocast_networks(objective: Objective, device_type: str, dtype: torch.dtype) -> Any:
-    """Context manager: ``objective``'s forward with its networks under autocast (what ``fit`` does
-    with ``amp``); the loss terms stay float32."""
-    return _training_networks(objective, objective.model, device_type, dtype)
+        objective.prepare()
 
 
 def train_step(objective: Objective, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
@@ -477,8 +450,9 @@ class _Loop:
         bar = tqdm(total=self.total_steps, initial=self.state.step, desc="train", unit="step", dynamic_ncols=True,
                    disable=None if self.progress and self.primary else True)
         try:
-            with _training_networks(self.objective, net, self.device.type, self.amp_dtype), \
-                    _stop_on_signals() as stop:
+            # chosen once for the run: the compiled / DDP-wrapped target, both networks under autocast
+            self.objective.prepare(net, self.device.type, self.amp_dtype)
+            with _stop_on_signals() as stop:
                 while self.state.step < self.total_steps:
                     stopping = self.train_one_epoch(stop, bar)
                     step = self.state.step
@@ -493,6 +467,8 @@ class _Loop:
             bar.close()
             self.dist.barrier()  # nobody exits (and makes torchrun stop the others) before rank 0 has saved
             raise
+        finally:
+            self.objective.prepare()  # the bare networks again
         bar.close()
 
     def finish(self, val_set: Dataset | None, test_set: Dataset | None) -> dict[str, Any]:

@@ -12,7 +12,7 @@ stopped after the last tapped layer. The training loop only calls it.
 from __future__ import annotations
 
 import copy
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,20 @@ __all__ = ["METHODS", "Method", "Objective", "SOURCE_BN_MODES", "Term", "get_met
 SOURCE_BN_MODES = ("running", "batch")
 # Checkpoints written before the terms were modules of their own kept DELTA's attention at the top.
 _LEGACY_STATE_PREFIXES = {"attention_": "delta.attention_"}
+
+
+class AutocastForward(nn.Module):
+    """Runs ``inner`` under autocast and returns its floating-point output in float32, so that what
+    is computed from it (the loss) is computed in float32 and outside autocast."""
+
+    def __init__(self, inner: nn.Module, device_type: str, dtype: torch.dtype):
+        super().__init__()
+        self.inner, self.device_type, self.dtype = inner, device_type, dtype
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(device_type=self.device_type, dtype=self.dtype):
+            out = self.inner(*args, **kwargs)
+        return out.float() if isinstance(out, Tensor) and out.is_floating_point() else out
 
 
 class _SourceDone(Exception):
@@ -83,6 +97,8 @@ class Objective(nn.Module):
                  gradient_mean: Callable[[Tensor], Tensor] | None = None,
                  term_options: Mapping[str, object] | None = None):
         super().__init__()
+        # How the networks run (prepare): a plain tuple, not registered modules (no state of its own)
+        self._execution: tuple[nn.Module, nn.Module | None] | None = None
         if source_bn not in SOURCE_BN_MODES:
             raise DeltatlError(f"source BatchNorm mode must be one of {', '.join(SOURCE_BN_MODES)}, got {source_bn!r}")
         self.source_bn = source_bn
@@ -136,6 +152,24 @@ class Objective(nn.Module):
                     self.source.get_submodule(name).register_forward_hook(self._stop_source_early)
         if any(m.reads_head_input for _, m in self._terms):  # after the source's copy: not on the source
             head_module(model).register_forward_pre_hook(self._record_head_input)
+
+    def prepare(self, net: nn.Module | None = None, device_type: str = "cpu",
+                amp_dtype: torch.dtype | None = None) -> None:
+        """Choose once how ``forward`` runs the networks: ``net`` in place of the bare target (compiled
+        and/or wrapped by DDP; the hooks, L2-SP's parameters and RIFLE's head are its inner modules and
+        parameters), and both networks under autocast with ``amp_dtype``. ``prepare()`` restores the
+        bare networks."""
+        if net is None and amp_dtype is None:
+            self._execution = None
+            return
+        target, source = (net if net is not None else self.model), self.source
+        if amp_dtype is not None:
+            target = AutocastForward(target, device_type, amp_dtype)
+            source = None if source is None else AutocastForward(source, device_type, amp_dtype)
+        self._execution = (target, source)
+
+    def _networks(self) -> tuple[nn.Module, nn.Module | None]:
+        return self._execution or (self.model, self.source)
 
     def _record_head_input(self, _module: nn.Module, args: tuple[Tensor, ...]) -> None:
         self._head_input = args[0]
@@ -208,7 +242,7 @@ class Objective(nn.Module):
         logits = None
         with torch.no_grad():
             try:
-                logits = self.source(images)
+                logits = self._networks()[1](images)
             except _SourceDone:
                 pass
         features = self.source_hooks.pop()
@@ -241,7 +275,7 @@ class Objective(nn.Module):
         # (`deltatl bench --only memory`). Same numbers: the source is in eval mode and draws no random
         # numbers.
         source, source_logits = self._run_source(images) if self.source is not None else ({}, None)
-        logits = self.model(images)
+        logits = self._networks()[0](images)
         aux_logits = None
         if isinstance(logits, tuple):  # (logits, aux logits): Inception-V3's kept aux head, training mode
             logits, aux_logits = logits[0].float(), logits[1].float()
