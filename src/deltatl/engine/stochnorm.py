@@ -9,55 +9,59 @@ probability :math:`p`, with the moving (running) statistics, drawn anew every fo
 (the moving branch uses the statistics from before this batch's update); the running statistics
 update as BatchNorm's do. In evaluation it is BatchNorm with the running statistics. Defaults: the
 authors' :math:`p = 0.5`. The draws come from PyTorch's global generator, which
-:func:`deltatl.engine.fit.fit` seeds per process and checkpoints, so a resumed run is exact; on CPU and GPU alike (the authors'
-reference code moved its mask to CUDA unconditionally).
+:func:`deltatl.engine.fit.fit` seeds per process and checkpoints, so a resumed run is exact; on CPU and
+GPU alike (the authors' reference code moved its mask to CUDA unconditionally).
+
+The layers are not replaced: two hooks give each BatchNorm layer (timm's ``BatchNormAct2d`` too,
+whose activation follows the normalisation inside the layer) the stochastic branch, so the network,
+its state dict and its checkpoints are those of the plain model. Because the activation is applied
+per element, choosing per channel between the two activated outputs is choosing between the two
+normalisations.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import DeltatlError
 
 
-class StochNorm(nn.modules.batchnorm._BatchNorm):
-    """A BatchNorm layer (any dimension) with StochNorm's training behaviour; same parameters and
-    buffers as the layer it replaces, so checkpoints load into plain BatchNorm and back."""
+class StochasticStatistics:
+    """The hooks of one BatchNorm layer: the moving branch before its forward, the choice after."""
 
-    def __init__(self, num_features: int, p: float = 0.5, **kwargs: object) -> None:
-        super().__init__(num_features, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, p: float) -> None:
         if not 0 <= p <= 1:
             raise DeltatlError(f"StochNorm's probability must be in [0, 1], got {p}")
         self.p = p
+        self.moving: Tensor | None = None
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() < 2:
-            raise ValueError(f"expected at least 2-D input (got {input.dim()}-D)")
+    def before(self, module: nn.modules.batchnorm._BatchNorm, args: tuple[Any, ...]) -> None:
+        if not (module.training and module.track_running_stats and self.p > 0):
+            return
+        module.train(False)  # the running statistics, from before this batch's update
+        try:
+            self.moving = type(module).forward(module, *args)  # the class's forward: no hooks again
+        finally:
+            module.train(True)
 
-    def forward(self, input: Tensor) -> Tensor:
-        if not self.training or not self.track_running_stats:
-            return super().forward(input)
-        moving = F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0,
-                              self.eps)
-        batch = super().forward(input)  # updates the running statistics, as BatchNorm does
-        shape = [1, self.num_features] + [1] * (input.dim() - 2)
-        pick_moving = torch.rand(shape, device=input.device) < self.p  # one draw per channel
-        return torch.where(pick_moving, moving, batch)
+    def after(self, module: nn.modules.batchnorm._BatchNorm, _args: tuple[Any, ...], output: Tensor) -> Tensor | None:
+        if self.moving is None:
+            return None
+        moving, self.moving = self.moving, None
+        shape = [1, module.num_features] + [1] * (output.dim() - 2)
+        pick_moving = torch.rand(shape, device=output.device) < self.p  # one draw per channel
+        return torch.where(pick_moving, moving, output)
 
 
 def convert_stochnorm(model: nn.Module, p: float = 0.5) -> int:
-    """Replace every BatchNorm layer of ``model`` by a :class:`StochNorm` with the same weights and
-    statistics, in place; returns how many were replaced."""
+    """Give every BatchNorm layer of ``model`` StochNorm's training behaviour, in place; returns how many."""
     count = 0
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, StochNorm):
-            replacement = StochNorm(module.num_features, p, eps=module.eps, momentum=module.momentum,
-                                    affine=module.affine, track_running_stats=module.track_running_stats)
-            replacement.load_state_dict(module.state_dict())
-            replacement.train(module.training)
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, attr,
-                    replacement.to(next(module.buffers(), torch.empty(0)).device))
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            hooks = StochasticStatistics(p)
+            module.register_forward_pre_hook(hooks.before)
+            module.register_forward_hook(hooks.after)
             count += 1
     return count
