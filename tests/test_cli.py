@@ -288,3 +288,14 @@ def test_tensorboard_events_hold_every_logged_scalar_the_learning_rates_rifle_an
     assert [e.step for e in events.Scalars("events/rifle")] == [r["step"] for r in rows if r.get("event") == "rifle"]
     assert (run / "hparams").is_dir()  # the settings with the final scores
     assert "tensorboard" not in yaml.safe_load((run / "config.yaml").read_text())  # does not change the result
+
+
+def test_compare_and_search_runs_write_tensorboard_events_too(cli, image_folder, tmp_path):
+    root = image_folder()
+    assert cli("compare", "--data", root, *TINY_TRAIN_ARGS, "--methods", "l2", "--seeds", "1", "--tensorboard",
+               "--out", tmp_path / "cmp").code == 0
+    assert list((tmp_path / "cmp" / "l2" / "seed0").glob("events.out.tfevents.*"))
+    assert cli("search", "--data", root, *TINY_TRAIN_ARGS, "--method", "l2-sp", "--alpha-grid", "0.01",
+               "--folds", "2", "--tensorboard", "--out", tmp_path / "s").code == 0
+    assert list((tmp_path / "s" / "trials").rglob("events.out.tfevents.*"))
+    assert list((tmp_path / "s" / "refit").rglob("events.out.tfevents.*"))
