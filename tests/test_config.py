@@ -203,3 +203,19 @@ def test_result_fields_hold_only_the_settings_the_method_uses_with_alpha_resolve
 def test_negative_or_non_finite_alpha_and_beta_are_refused(flag, value):
     with pytest.raises(DeltatlError, match=f"{flag} must be a finite number"):
         config_from_argv(flag, value)
+
+
+def test_data_loading_workers_default_to_none_on_the_cpu_and_to_the_usable_cpus_on_cuda(monkeypatch):
+    import os
+
+    import torch
+
+    from deltatl.run import data_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(12)), raising=False)
+    assert data_workers(None, torch.device("cpu")) == 0
+    assert data_workers(None, torch.device("cuda")) == 8  # at most 8
+    assert data_workers(None, torch.device("cuda"), processes_per_node=4) == 3  # the node's CPUs shared
+    assert data_workers(None, torch.device("cuda"), processes_per_node=24) == 1
+    assert data_workers(2, torch.device("cuda")) == 2 and data_workers(0, torch.device("cuda")) == 0
+    assert "workers" not in TrainConfig(workers=3).result_fields()  # execution only: runs stay reusable

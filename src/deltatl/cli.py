@@ -143,7 +143,8 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
     add("--seed", type=int, help=f"default {d.seed}")
     g = parser.add_argument_group("execution")
     add("--device", help="cpu, cuda, cuda:N, mps or auto (default auto)")
-    add("--workers", type=int, help="data-loading processes (default 0)")
+    add("--workers", type=int, help="data-loading processes (default: 0 on the CPU, where the training step "
+                                    "needs the cores (BENCHMARKS.md); min(8, usable CPUs per process) on CUDA)")
     add("--eval-every", type=int, help="validate every N epochs (default 1)")
     add("--tensorboard", action="store_true",
         help="also write TensorBoard event files in the run directory (tensorboard --logdir runs)")

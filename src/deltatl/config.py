@@ -101,7 +101,7 @@ class TrainConfig:
     device: str = "auto"
     channels_last: bool = False
     compile: bool = False
-    workers: int = 0
+    workers: int | None = None  # None: deltatl.run.data_workers (0 on the CPU, up to 8 processes on CUDA)
     eval_every: int = 1
     out: str | None = None
     attention_cache: str | None = None  # default ~/.cache/deltatl/attention
@@ -111,7 +111,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name, low in (("image_size", 8), ("batch_size", 1), ("eval_every", 1), ("workers", 0)):
-            if getattr(self, name) < low:
+            if getattr(self, name) is not None and getattr(self, name) < low:
                 raise DeltatlError(f"--{name.replace('_', '-')} must be at least {low}")
         if self.epochs is not None and self.iters is not None:
             raise DeltatlError("give --epochs or --iters, not both")

@@ -43,6 +43,18 @@ DEFAULT_TRAIN_PER_CLASS = {"fashion-mnist": 30}
 CONFIG_FILE = "config.yaml"
 
 
+def data_workers(requested: int | None, device: torch.device, processes_per_node: int = 1) -> int:
+    """DataLoader worker processes: ``--workers`` if given; else none on the CPU (there the workers take
+    the cores the step needs: BENCHMARKS.md, "Data loading") and ``min(8, usable CPUs per process)`` on
+    CUDA, where a step takes milliseconds and loading in the training process would leave the GPU idle."""
+    if requested is not None:
+        return requested
+    if device.type != "cuda":
+        return 0
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, usable // max(1, processes_per_node)))
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
@@ -161,6 +173,8 @@ def train_run(config: TrainConfig, *, resume: bool = False, progress: bool = Tru
     # Under torchrun: join the process group; rank 0 alone checks and writes the run directory.
     dist, device = init_from_env(resolve_device(config.device))
     progress = progress and dist.is_primary
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size))
+    config = dataclasses.replace(config, workers=data_workers(config.workers, device, local_processes))
     finished = dist.on_rank0(lambda: _prepare_run_dir(run_dir, config, resume))
     if finished is not None:
         return {**finished, "reused": True}
@@ -271,6 +285,7 @@ def attention_run(config: TrainConfig, output: str, *, progress: bool = True) ->
     """
     check_replaceable_scores(output)  # before hours of work, not after
     device = resolve_device(config.device)
+    config = dataclasses.replace(config, workers=data_workers(config.workers, device))
     splits = open_splits(config, progress)
     model = seeded_model(config, len(splits.classes))
     pre = preprocessing(model)
