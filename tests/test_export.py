@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import TINY_TRAIN_ARGS
 from deltatl.data.transforms import evaluation_transform
-from deltatl.export import load_model
+from deltatl.export import class_names, load_model
 from deltatl.models import preprocessing
 from deltatl.predict import load_trained
 
@@ -55,9 +55,11 @@ def test_timm_loads_the_export_with_the_runs_weights_classes_and_preprocessing(c
 def test_load_model_and_predict_take_an_export_like_a_run(cli, trained, tmp_path, image_folder):
     out = tmp_path / "export"
     assert cli("export", trained, "--out", out).code == 0
-    exported, names = load_model(str(out))
-    from_run, run_names = load_model(str(trained))
-    assert names == run_names == ["blue", "green", "red"] and not exported.training
+    exported, from_run = load_model(str(out)), load_model(str(trained))
+    assert class_names(exported) == class_names(from_run) == ["blue", "green", "red"]
+    assert not exported.training and not from_run.training
+    images = torch.randn(3, 3, 32, 32)
+    assert torch.allclose(exported(images), from_run(images), atol=1e-5)
     image = next((image_folder("more") / "test" / "red").iterdir())
     by_run = cli("predict", image, "--checkpoint", trained, "--top-k", "3").out
     by_export = cli("predict", image, "--checkpoint", out, "--top-k", "3").out

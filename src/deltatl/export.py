@@ -82,16 +82,20 @@ def is_export(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(os.path.join(path, "checkpoint.pt"))
 
 
-def load_model(path: str) -> tuple[nn.Module, list[str]]:
-    """A fine-tuned model in eval mode and its class names, from a run (directory or checkpoint) or an
-    export folder (``config.json``)."""
+def load_model(path: str) -> nn.Module:
+    """A fine-tuned model in eval mode, from a run (directory or ``checkpoint.pt``) or an export folder;
+    its class names are ``class_names(model)`` (timm's ``pretrained_cfg["label_names"]``)."""
     if is_export(path):
         import timm
 
-        with open(os.path.join(path, "config.json")) as f:
-            names = json.load(f).get("label_names") or []
-        return timm.create_model(f"local-dir:{os.path.abspath(path)}", pretrained=True).eval(), list(names)
+        return timm.create_model(f"local-dir:{os.path.abspath(path)}", pretrained=True).eval()
     from .predict import load_trained
 
     model, info = load_trained(path)
-    return model, list(info["classes"])
+    model.pretrained_cfg = {**(getattr(model, "pretrained_cfg", None) or {}), "label_names": list(info["classes"])}
+    return model
+
+
+def class_names(model: nn.Module) -> list[str]:
+    """The class names of a model from :func:`load_model` (index -> name)."""
+    return list((getattr(model, "pretrained_cfg", None) or {}).get("label_names") or [])

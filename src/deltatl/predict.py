@@ -17,7 +17,7 @@ from .engine import checkpoint as ckpt
 from .engine.evaluate import crop_logits, evaluate
 from .engine.fit import CHECKPOINT
 from .errors import DeltatlError
-from .export import is_export, load_model
+from .export import class_names, is_export, load_model
 from .models import create_model, load_state_dict_strict, preprocessing
 from .run import open_splits, resolve_device
 
@@ -79,7 +79,8 @@ def predict_files(paths: Sequence[str], *, checkpoint: str | None = None, top_k:
     if checkpoint and is_export(checkpoint):
         import timm.data
 
-        model, names = load_model(checkpoint)
+        model = load_model(checkpoint)
+        names = class_names(model)
         transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
     else:
         if checkpoint:
