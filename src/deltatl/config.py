@@ -10,7 +10,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -20,6 +20,9 @@ from .errors import DeltatlError
 from .models import EMBEDDED_MODEL
 from .outputs import atomic_open
 from .regularizers import DELTA_REDUCTIONS
+
+if TYPE_CHECKING:
+    from .attention import AttentionSettings
 
 
 @dataclass
@@ -165,6 +168,13 @@ class TrainConfig:
         if (self.cv_folds is None) != (self.cv_fold is None) or (
                 self.cv_folds is not None and not 0 <= self.cv_fold < self.cv_folds):  # type: ignore[operator]
             raise DeltatlError("cv_folds and cv_fold go together, with 0 <= cv_fold < cv_folds")
+
+    def attention_settings(self) -> "AttentionSettings":
+        """The ``--attention-*`` settings of the official procedure, for :mod:`deltatl.attention`."""
+        from .attention import AttentionSettings
+
+        return AttentionSettings(self.attention_epochs, self.attention_lr, self.attention_batches,
+                                 self.attention_batch_size, self.attention_bn_train, self.attention_method)
 
     def resolved_alpha(self) -> float | None:
         """``--alpha``, or the default of the method and reduction; None for methods without alpha."""

@@ -327,12 +327,10 @@ def channel_attention_scores_for(config: TrainConfig, model: torch.nn.Module, la
             return read_scores(config.attention_file, layers, channels)
         except (OSError, ValueError) as exc:
             raise DeltatlError(f"--attention-file: {exc}") from None
+    settings = config.attention_settings()
     fields = {"model": config.model, **weights_identity(config), "head_init": config.head_init,
               "layers": layers, "image_size": config.image_size, "resize": config.resize, "seed": config.seed,
-              "epochs": config.attention_epochs, "lr": config.attention_lr, "batches": config.attention_batches,
-              "batch_size": config.attention_batch_size, "bn_train": config.attention_bn_train,
-              "method": config.attention_method,
-              "version": 2}  # 2: the L2-FE fit's ExponentialLR (1: a step schedule; those scores are not reused)
+              **settings.key_fields()}
     # Settings added later enter the key only when set, so that existing cache entries stay valid.
     fields.update({k: v for k, v in (("keep_aspect", config.keep_aspect), ("aux_head", config.aux_weight > 0)) if v})
 
@@ -341,10 +339,7 @@ def channel_attention_scores_for(config: TrainConfig, model: torch.nn.Module, la
     def compute() -> dict[str, torch.Tensor]:
         return estimate_channel_attention(
             model, layers, train_set, work_dir=os.path.join(run_dir, "attention_fe", key), device=device,
-            seed=config.seed, epochs=config.attention_epochs, lr=config.attention_lr,
-            num_batches=config.attention_batches, batch_size=config.attention_batch_size,
-            bn_train=config.attention_bn_train, method=config.attention_method, num_workers=config.workers,
-            progress=progress)
+            seed=config.seed, settings=settings, num_workers=config.workers, progress=progress)
 
     # The attention is the source network's, not a regularized fine-tuning's: no comparison tricks.
     with suspended(model):

@@ -16,10 +16,12 @@ settings, so they are cached under a key of exactly those, and reused by every r
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import os
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +34,28 @@ from ..modes import evaluating
 from .scores import channel_attention_scores, read_scores, write_scores
 
 OFFICIAL_EPOCHS_PER_TENTH = 6  # channel_eval.py: ExponentialLR(gamma=0.1 ** (1 / 6)), stepped per epoch
+
+
+@dataclass(frozen=True)
+class AttentionSettings:
+    """How the official procedure estimates the scores (defaults: ``channel_eval.py``'s): the L2-FE fit's
+    epochs, learning rate and batch size, whether its BatchNorm statistics adapt, how many training
+    batches are scored and by which method. With the weights, the images and the layers, they are what
+    the raw scores depend on, so they are the cache key (:meth:`key_fields`)."""
+
+    epochs: int = 10
+    lr: float = 0.01
+    batches: int = 4
+    batch_size: int = 32
+    bn_train: bool = True
+    method: str = "exact"
+
+    #: the procedure's own version, raised when its numbers change (2: the L2-FE fit's ExponentialLR;
+    #: scores of version 1, a step schedule, are not reused)
+    VERSION: ClassVar[int] = 2
+
+    def key_fields(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "version": self.VERSION}
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "deltatl", "attention")
 
 
@@ -44,9 +68,8 @@ def cache_key(fields: dict[str, Any], images: ImageCollection) -> str:
 
 
 def estimate_channel_attention(model: nn.Module, layers: Sequence[str], train: TransformedImages, *,
-                               work_dir: str, device: torch.device, seed: int = 0, epochs: int = 10,
-                               lr: float = 0.01, num_batches: int = 4, batch_size: int = 32,
-                               bn_train: bool = True, method: str = "exact", num_workers: int = 0,
+                               work_dir: str, device: torch.device, seed: int = 0,
+                               settings: AttentionSettings = AttentionSettings(), num_workers: int = 0,
                                progress: bool = True) -> dict[str, Tensor]:
     """Raw channel scores ``{layer: (C,)}`` of ``model`` (pretrained backbone + new head; not modified).
 
@@ -54,19 +77,19 @@ def estimate_channel_attention(model: nn.Module, layers: Sequence[str], train: T
         train: the training split with the training augmentation.
         work_dir: where the L2-FE run keeps its checkpoint, so an interrupted estimate resumes.
     """
-    fe_model = fit_linear_probe(model, train, work_dir=work_dir, device=device, seed=seed, epochs=epochs, lr=lr,
-                                batch_size=batch_size, bn_train=bn_train, num_workers=num_workers,
-                                progress=progress, purpose="attention")
+    fe_model = fit_linear_probe(model, train, work_dir=work_dir, device=device, seed=seed, epochs=settings.epochs,
+                                lr=settings.lr, batch_size=settings.batch_size, bn_train=settings.bn_train,
+                                num_workers=num_workers, progress=progress, purpose="attention")
     # The first K batches of a fixed epoch of the training order, with train augmentation.
     sampler = EpochSampler(len(train), seed, epoch=0)
-    loader = DataLoader(train, batch_size=batch_size, sampler=sampler, num_workers=num_workers)
+    loader = DataLoader(train, batch_size=settings.batch_size, sampler=sampler, num_workers=num_workers)
     train.set_epoch(0)
     batches = []
     for images, labels in loader:
         batches.append((images.to(device), labels.to(device)))
-        if len(batches) == num_batches:
+        if len(batches) == settings.batches:
             break
-    return channel_attention_scores(fe_model, list(layers), batches, method=method, progress=progress)
+    return channel_attention_scores(fe_model, list(layers), batches, method=settings.method, progress=progress)
 
 
 def fit_linear_probe(model: nn.Module, train: TransformedImages, *, work_dir: str, device: torch.device,
