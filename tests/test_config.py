@@ -10,8 +10,6 @@ from deltatl.cli import _config_from, build_parser
 from deltatl.config import EMBEDDED_DELTA_ALPHA, OFFICIAL_ALPHA, RELATIVE_ALPHA, TrainConfig, dump_yaml, load_yaml, make_config, read_run_config
 from deltatl.errors import DeltatlError
 
-SKIP = ("command", "config", "resume", "quiet")
-
 
 def write(tmp_path, text: str, name: str = "c.yaml") -> str:
     path = tmp_path / name
@@ -20,7 +18,7 @@ def write(tmp_path, text: str, name: str = "c.yaml") -> str:
 
 
 def config_from_argv(*argv: str) -> TrainConfig:
-    return _config_from(build_parser().parse_args(["train", *argv]), SKIP)
+    return _config_from(build_parser().parse_args(["train", *argv]))
 
 
 def test_yaml_file_becomes_a_train_config(tmp_path):

@@ -93,7 +93,7 @@ def test_command_line_flags_override_a_preset():
     path = cell_path(1, "resnet101", "caltech256-30", "delta")
     args = build_parser().parse_args(["train", "--config", str(path), "--data-root", "/data", "--alpha", "0.001",
                                       "--iters", "90", "--decay-at", "60"])
-    config = _config_from(args, ("command", "config", "resume", "quiet"))
+    config = _config_from(args)
     assert (config.alpha, config.iters, config.decay_at, config.data_root) == (0.001, 90, 60, "/data")
     assert config.model == "resnet101.tv_in1k" and config.data == "caltech256-30"
 

@@ -24,6 +24,8 @@ from .extras import missing_extra_message
 from .methods import METHODS
 from .regularizers import DELTA_REDUCTIONS
 
+TRAIN_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))  # the flags that are run settings
+
 # The main job: DELTA (attention included, deltatl's default settings and alpha) next to plain
 # fine-tuning, on the embedded default, on a 2-core CPU. Validation and test subsets keep it short.
 DEMO_METHODS = ("l2", "delta")
@@ -271,10 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config_from(args: argparse.Namespace, skip: Sequence[str]) -> TrainConfig:
+def _config_from(args: argparse.Namespace, defaults: dict[str, Any] | None = None) -> TrainConfig:
+    """The run settings: ``defaults`` (a command's own), then ``--config``'s file, then the flags given
+    that are settings (the others, ``--methods``, ``--folds``..., belong to the command)."""
     file_values = load_yaml(args.config) if getattr(args, "config", None) else {}
-    cli = {k: v for k, v in vars(args).items() if k not in skip}
-    config = make_config(file_values, cli)
+    cli = {k: v for k, v in vars(args).items() if k in TRAIN_FIELDS}
+    config = make_config({**(defaults or {}), **file_values}, cli)
     if config.data not in DATASETS and os.path.isdir(config.data):
         # an image folder by its absolute path: `deltatl eval RUN` then works from any directory
         config = dataclasses.replace(config, data=os.path.abspath(config.data))
@@ -298,7 +302,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .distributed import is_primary_process
     from .run import train_run
 
-    config = _config_from(args, ("command", "config", "resume", "quiet"))
+    config = _config_from(args)
     summary = train_run(config, resume=args.resume, progress=not args.quiet)
     if is_primary_process():  # under torchrun, one table
         print(format_table([summary]))
@@ -308,7 +312,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .run import default_out, train_run
 
-    base = _config_from(args, ("command", "methods", "quiet", "resume"))
+    base = _config_from(args)
     rows = []
     for method in args.methods:
         config = make_config({}, {**base.__dict__, "method": method,
@@ -324,7 +328,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .run import train_run
 
     _given_grids(args)
-    base = _config_from(args, ("command", "config", "methods", "seeds", "alpha_grid", "quiet", "resume"))
+    base = _config_from(args)
     out = base.out or os.path.join("runs", "compare")
     rows = compare(base, args.methods, list(range(args.seeds)), out, parse_alpha_grid(args.alpha_grid or []),
                    train=lambda c: train_run(c, resume=args.resume, progress=not args.quiet))
@@ -342,11 +346,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     from .search import Grid, check_search, markdown, search
 
     _given_grids(args)
-    skip = ("command", "config", "alpha_grid", "beta_grid", "lr_grid", "folds", "storage", "study_name", "poll",
-            "quiet", "resume", "alpha_range", "beta_range", "lr_range", "trials", "sampler_seed", "prune")
-    file_values = load_yaml(args.config) if args.config else {}
     # Every training image takes part in the folds unless a held-out validation split is asked for.
-    base = make_config({"val_per_class": 0, **file_values}, {k: v for k, v in vars(args).items() if k not in skip})
+    base = _config_from(args, defaults={"val_per_class": 0})
     grid = Grid(parse_grid_values("--alpha-grid", args.alpha_grid or []),
                 parse_grid_values("--beta-grid", args.beta_grid or []), parse_grid_values("--lr-grid", args.lr_grid or []))
     out = base.out or os.path.join("runs", f"search_{base.method}")
@@ -391,7 +392,7 @@ def cmd_attention(args: argparse.Namespace) -> int:
     from .attention import normalize_scores
     from .run import attention_run
 
-    config = _config_from(args, ("command", "config", "output", "quiet"))
+    config = _config_from(args)
     raw = attention_run(config, args.output, progress=not args.quiet)
     weights = normalize_scores(raw, config.attention_temperature)
     print(f"{'layer':<28} channels  max weight x C  top channels")
