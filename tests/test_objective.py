@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatl.engine.objective import METHODS, Objective
+from deltatl.methods import get_method
 from deltatl.errors import DeltatlError
 from deltatl.features import FeatureHooks, layer_preset
 from deltatl.models import create_model, split_parameters
@@ -60,14 +61,14 @@ def peaked_weights(model: nn.Module, layers) -> dict[str, torch.Tensor]:
 
 def make_objective(method: str, seed: int = 0, **kwargs) -> Objective:
     model = tiny_model(seed)
-    if METHODS[method].feature_maps:
+    if get_method(method).feature_maps:
         kwargs.setdefault("layers", layers_of(model))
-    if METHODS[method].attention:
+    if get_method(method).attention:
         kwargs.setdefault("channel_weights", peaked_weights(model, kwargs["layers"]))
-    if METHODS[method].has("lwf") or METHODS[method].has("co-tuning"):  # the pretrained network, own classifier
+    if get_method(method).has("lwf") or get_method(method).has("co-tuning"):  # the pretrained network, own classifier
         torch.manual_seed(seed)
         kwargs.setdefault("source_model", create_model(MODEL, None, pretrained="none"))
-    if METHODS[method].has("co-tuning"):
+    if get_method(method).has("co-tuning"):
         kwargs.setdefault("term_options", {"relationship": torch.full((NUM_CLASSES, 1000), 1e-3)})
     return Objective(model, method, **kwargs)
 
@@ -483,3 +484,26 @@ def test_co_tuning_trains_the_source_head_on_the_relationships_soft_labels():
     state = objective.regularizer_state()
     assert torch.equal(state["co-tuning.relationship"], relationship)
     assert {"co-tuning.source_head.weight", "co-tuning.source_head.bias"} <= set(state)
+
+
+@pytest.mark.parametrize("method", ["l2-sp", "l2-sp+bss"])
+def test_the_fused_l2sp_gradient_takes_the_autograd_step_and_logs_the_same_term(method):
+    from deltatl.engine.fit import make_optimizer, running_sums, train_step
+
+    states = {}
+    for fused in (False, True):
+        objective = make_objective(method, alpha=0.3, l2sp_fused=fused)
+        perturb_backbone(objective.model)  # away from the starting point: the term has a gradient
+        optimizer = make_optimizer(objective, 0.01, 0.9, 0.0)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        sums = running_sums(torch.device("cpu"))
+        assert objective.adds_gradients == fused
+        for step in range(3):
+            out = train_step(objective.train(), optimizer, scaler, *batch(seed=step), sums)
+        states[fused] = ({k: v.clone() for k, v in objective.model.state_dict().items()}, out["reg/l2sp"].item())
+    (autograd, term), (fused, fused_term) = states[False], states[True]
+    assert fused_term == pytest.approx(term, rel=1e-6)
+    assert all(torch.allclose(fused[k].float(), autograd[k].float(), rtol=1e-5, atol=1e-6) for k in autograd)
+    moved = max((autograd[k].float() - tiny_model(0).state_dict()[k].float()).abs().max().item()
+                for k in autograd if autograd[k].is_floating_point())
+    assert moved > 1e-2

@@ -67,6 +67,9 @@ class TrainConfig:
     # at step 0); see deltatl.engine.objective.Objective. The defaults are the authors': the alternatives
     # did not beat them on the embedded default (README, "DELTA's defaults")
     delta_source_bn: str = "running"
+    # L2-SP's gradient alpha * (w - w*) added after the backward instead of through autograd (equal up to
+    # rounding; off until deltatl bench measures it on a quiet machine: BENCHMARKS.md)
+    l2sp_fused: bool = False
     # supervised channel attention (method delta); defaults = the official procedure
     attention_file: str | None = None  # raw scores to use instead of computing them
     attention_method: str = "exact"  # or "first_order" (activation x gradient approximation)
@@ -194,6 +197,8 @@ class TrainConfig:
                 skip |= {"alpha"}
             if not method.uses("beta"):
                 skip |= {"beta"}
+            if not method.starting_point:
+                skip |= {"l2sp_fused"}
             if not method.feature_maps:
                 skip |= {f.name for f in fields(self) if f.name.startswith("delta_")}
             if not method.attention:  # LP-FT's probe is the attention's L2-FE fit: it keeps its settings

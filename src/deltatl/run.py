@@ -424,5 +424,5 @@ def build_objective(config: TrainConfig, model: torch.nn.Module, train_set: Tran
                      energy_sum=dist.all_reduce_sum_ if dist.enabled else None,
                      batch_gather=dist.gather_batch if dist.enabled else None,
                      source_model=source_model, gradient_mean=dist.mean_gradient if dist.enabled else None,
-                     term_options=term_options,
+                     term_options=term_options, l2sp_fused=config.l2sp_fused,
                      aux_weight=config.aux_weight)

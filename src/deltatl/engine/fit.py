@@ -154,6 +154,8 @@ def train_step(objective: Objective, optimizer: torch.optim.Optimizer, scaler: t
     out = objective(images, labels)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(out["loss"]).backward()
+    if objective.adds_gradients:  # terms outside autograd (--l2sp-fused), scaled as the others are
+        objective.add_gradients_(scaler.get_scale() if scaler.is_enabled() else 1.0)
     scaler.step(optimizer)
     scaler.update()
     for key, value in out.items():

@@ -95,7 +95,7 @@ class Objective(nn.Module):
                  batch_gather: Callable[[Tensor], Tensor] | None = None,
                  source_model: nn.Module | None = None,
                  gradient_mean: Callable[[Tensor], Tensor] | None = None,
-                 term_options: Mapping[str, object] | None = None):
+                 term_options: Mapping[str, object] | None = None, l2sp_fused: bool = False):
         super().__init__()
         # How the networks run (prepare): a plain tuple, not registered modules (no state of its own)
         self._execution: tuple[nn.Module, nn.Module | None] | None = None
@@ -114,7 +114,7 @@ class Objective(nn.Module):
                 param.requires_grad_(False)
         options = {**self.method.options, "method": method, "layers": layers, "channel_weights": channel_weights,
                    "reduction": reduction, "distance_scale": distance_scale, "energy_sum": energy_sum,
-                   "batch_gather": batch_gather, **(term_options or {})}
+                   "batch_gather": batch_gather, "l2sp_fused": l2sp_fused, **(term_options or {})}
         setup = Setup(model, tuple(shared), tuple(private), options,
                       None if source_model is None else head_module(source_model))
         # Each term is a submodule named by its key (its state, e.g. l2sp.anchor__*, is checkpointed).
@@ -170,6 +170,21 @@ class Objective(nn.Module):
 
     def _networks(self) -> tuple[nn.Module, nn.Module | None]:
         return self._execution or (self.model, self.source)
+
+    def _weight(self, term: Term) -> float:
+        return (self.alpha if term.weight == "alpha" else self.beta if term.weight == "beta"
+                else self.method.term_weights[term.weight])  # a joined method's term: its authors' weight
+
+    @property
+    def adds_gradients(self) -> bool:
+        """Whether a term adds its gradient after the backward (:meth:`add_gradients_`)."""
+        return any(module.adds_gradients for _, module in self._terms)
+
+    def add_gradients_(self, scale: float = 1.0) -> None:
+        """After the backward: the gradients of the terms computed outside autograd (``--l2sp-fused``)."""
+        for term, module in self._terms:
+            if module.adds_gradients and self._weight(term):
+                module.add_gradients_(self._weight(term), scale)
 
     def _record_head_input(self, _module: nn.Module, args: tuple[Tensor, ...]) -> None:
         self._head_input = args[0]
@@ -287,8 +302,7 @@ class Objective(nn.Module):
         inputs = StepInputs(images, labels, logits, self.target_hooks.pop() if self.source is not None else {}, source,
                             head_input, source_logits)
         for term, module in self._terms:
-            weight = (self.alpha if term.weight == "alpha" else self.beta if term.weight == "beta"
-                      else self.method.term_weights[term.weight])  # a joined method's term: its authors' weight
+            weight = self._weight(term)
             if weight or term.weight == "alpha":  # a head term at beta 0 is skipped (not logged)
                 terms[f"reg/{module.key}"] = module(inputs, weight)
         loss = ce + sum(terms.values()) if terms else ce

@@ -89,6 +89,14 @@ class Regularizer(nn.Module):
         in scales of its own in the order that fixes its floating-point result)."""
         raise NotImplementedError
 
+    #: whether the term's gradient is added by :meth:`add_gradients_` after the backward instead of
+    #: through autograd (its ``forward`` then returns the value only, for the logs)
+    adds_gradients: bool = False
+
+    def add_gradients_(self, weight: float, scale: float) -> None:
+        """Add ``scale * weight * d(term)/d(parameters)`` to the parameters' ``.grad`` (``scale``: the
+        fp16 gradient scaler's factor, 1 otherwise). Only for terms with ``adds_gradients``."""
+
 
 REGULARIZERS: dict[str, type[Regularizer]] = {}
 R = TypeVar("R", bound=type[Regularizer])

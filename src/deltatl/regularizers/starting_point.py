@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import torch
 from torch import Tensor, nn
 
 from .base import Regularizer, Setup, StepInputs, register
@@ -59,12 +60,31 @@ class L2SP(Regularizer):
 
     @classmethod
     def build(cls, setup: Setup) -> "L2SP":
-        return cls(setup.shared)
+        term = cls(setup.shared)
+        term.adds_gradients = bool(setup.options.get("l2sp_fused", False))
+        return term
 
     def penalty(self) -> Tensor:
         """The unweighted penalty (a float32 scalar)."""
         return l2sp_penalty(self._params, self.anchors())
 
     def forward(self, inputs: StepInputs | None = None, weight: float = 1.0) -> Tensor:
-        """``weight * penalty()``; the penalty does not depend on the batch (``inputs`` unused)."""
+        """``weight * penalty()``; the penalty does not depend on the batch (``inputs`` unused). With
+        ``adds_gradients`` (``--l2sp-fused``) the value only: no autograd graph over every parameter,
+        the gradient comes from :meth:`add_gradients_`."""
+        if self.adds_gradients:
+            with torch.no_grad():
+                return weight * self.penalty()
         return weight * self.penalty()
+
+    @torch.no_grad()
+    def add_gradients_(self, weight: float, scale: float) -> None:
+        r""":math:`g_i \mathrel{+}= s\,\alpha\,(w_i - w_i^*)`, the exact gradient of the weighted penalty,
+        fused over the parameters (``torch._foreach_*``)."""
+        pairs = [(p, a) for p, a in zip(self._params, self.anchors()) if p.requires_grad]
+        for param, _ in pairs:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+        grads = [p.grad for p, _ in pairs]
+        differences = torch._foreach_sub([p.detach() for p, _ in pairs], [a.to(p.dtype) for p, a in pairs])
+        torch._foreach_add_(grads, differences, alpha=weight * scale)
