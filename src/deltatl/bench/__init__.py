@@ -150,8 +150,8 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser | None = N
     args.methods = list(dict.fromkeys(["l2", *_names(args.methods)]))
     args.scaling_methods = list(dict.fromkeys(_names(args.scaling_methods)))
     for method in set(args.methods) | set(args.scaling_methods):
-        if method not in METHOD_NAMES:
-            fail(f"unknown method '{method}' (choose from {', '.join(METHOD_NAMES)})")
+        if method not in METHOD_NAMES and method != "l2-sp:fused":
+            fail(f"unknown method '{method}' (choose from {', '.join(METHOD_NAMES)}, l2-sp:fused)")
     args.batch_sizes, args.image_sizes = _ints(args.batch_sizes), _ints(args.image_sizes)
     args.throughput_models, args.throughput_sizes = _names(args.throughput_models), _ints(args.throughput_sizes)
     args.throughput_variants = _names(args.throughput_variants)

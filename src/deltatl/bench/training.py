@@ -80,6 +80,8 @@ class ModelSetup:
         self.relationship = torch.softmax(torch.randn(NUM_CLASSES, source_classes, generator=g), dim=1)
 
     def trainer(self, method: str) -> Trainer:
+        """The step of ``method``; ``l2-sp:fused`` is L2-SP with ``--l2sp-fused``."""
+        method, _, variant = method.partition(":")
         d, spec = TrainConfig(method=method), get_method(method)
         model = copy.deepcopy(self.base)
         if spec.stochnorm is not None:
@@ -88,7 +90,8 @@ class ModelSetup:
                               layers=self.layers if spec.feature_maps else None,
                               channel_weights=self.weights if spec.attention else None,
                               reduction=d.delta_reduction, source_bn=d.delta_source_bn,
-                              source_model=self.source_model, term_options={"relationship": self.relationship})
+                              source_model=self.source_model, term_options={"relationship": self.relationship},
+                              l2sp_fused=variant == "fused")
         objective.to(self.device)
         if self.channels_last:
             objective.to(memory_format=torch.channels_last)
@@ -150,7 +153,7 @@ class TrainingSections:
         trainers = {m: self.trainer(m) for m in a.methods}
         source = self.setup.source()
         # DELTA's own source forward stops after the last tapped layer (Objective.source_features).
-        feature_method = next((m for m in a.methods if get_method(m).feature_maps), "delta-noatt")
+        feature_method = next((m for m in a.methods if get_method(m.partition(":")[0]).feature_maps), "delta-noatt")
         truncated = self.trainer(feature_method).objective
         tasks: dict[str, Callable[[], Any]] = {m: (lambda t=t: t.step(images, labels)) for m, t in trainers.items()}
         tasks["source_forward"] = lambda: no_grad_forward(source, images)
@@ -182,7 +185,7 @@ class TrainingSections:
                 "kind": "step", "method": method, "step_ms": round(1e3 * median(times[method]), 3),
                 "ratio_vs_l2": round(ratio, 4), "ratio_spread": spread(ratios), "floor": round(floor_median, 4),
                 "calls_per_sample": calls[method], "times_ms": [round(1e3 * t, 3) for t in times[method]]}
-            if get_method(method).feature_maps:
+            if get_method(method.partition(":")[0]).feature_maps:
                 # How far DELTA's overhead is from the physical limit (1.0 = at the floor).
                 row["ratio_over_floor"] = round(median(round_ratios(ratios, floor)), 4)
                 row["overhead_over_floor_overhead"] = round((ratio - 1) / max(floor_median - 1, 1e-9), 3)
@@ -206,7 +209,7 @@ class TrainingSections:
         # What a method cannot avoid holding on top of l2.
         musts: dict[str, int] = {}
         for method in a.methods:
-            spec, obj = get_method(method), self.trainer(method).objective
+            spec, obj = get_method(method.partition(":")[0]), self.trainer(method).objective
             must = 0
             if spec.starting_point:
                 must += tensor_bytes(obj.l2sp.anchors())

@@ -86,5 +86,6 @@ class L2SP(Regularizer):
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
         grads = [p.grad for p, _ in pairs]
-        differences = torch._foreach_sub([p.detach() for p, _ in pairs], [a.to(p.dtype) for p, a in pairs])
-        torch._foreach_add_(grads, differences, alpha=weight * scale)
+        # two in-place passes, no temporary copy of the parameters: g + s*alpha*w - s*alpha*w*
+        torch._foreach_add_(grads, [p.detach() for p, _ in pairs], alpha=weight * scale)
+        torch._foreach_add_(grads, [a for _, a in pairs], alpha=-weight * scale)
