@@ -223,3 +223,11 @@ def test_delta_runs_of_other_settings_share_the_folder_and_its_baselines_with_th
     # DELTA's folders name the term's settings, whatever the defaults are; l2's runs are shared
     assert folders == {("l2", "seed0"), ("l2", "seed1"), ("delta", "source-bn-running_reduction-sum"),
                        ("delta", "source-bn-batch_reduction-relative")}
+
+
+def test_a_rifle_spec_of_a_baseline_method_is_paired_with_it_once():
+    from deltatl.compare import paired_differences
+
+    rows = paired_differences({"l2": [80.0, 81.0], "l2+rifle1": [80.5, 82.0]})
+    assert [(r["method"], r["minus"]) for r in rows] == [("l2+rifle1", "l2")]
+    assert rows[0]["diff_mean"] == pytest.approx(0.75)

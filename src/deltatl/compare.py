@@ -148,7 +148,7 @@ def paired_differences(tests: dict[str, list[float]]) -> list[dict[str, Any]]:
     for spec, values in tests.items():
         method, rifle = parse_spec(spec)
         references = [b for b in BASELINES if b in tests and b != spec]
-        if rifle and method in tests:
+        if rifle and method in tests and method not in references:  # l2+rifle1 - l2 once, not twice
             references.append(method)
         for reference in references:
             diffs = [a - b for a, b in zip(values, tests[reference])]
