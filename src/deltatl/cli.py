@@ -63,7 +63,7 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
                                             "(default: 30 for fashion-mnist, else all; fixed by the "
                                             "name for caltech256-30 / -60)")
     add("--val-per-class", type=int, help="validation images held out of the training data per class "
-                                          f"(default: --val-fraction of the training images)")
+                                          "(default: --val-fraction of the training images)")
     add("--val-fraction", type=float, help=f"validation share when --val-per-class is not set (default {d.val_fraction})")
     add("--test-per-class", type=int, help="evaluate on a seeded subset of N test images per class "
                                            "(quick runs; default: the whole test set)")

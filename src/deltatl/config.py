@@ -10,6 +10,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, fields
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import yaml

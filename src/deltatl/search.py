@@ -55,7 +55,7 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
-from .config import TrainConfig, parse_grid_values
+from .config import TrainConfig
 from .data.folds import stratified_folds, write_folds
 from .data.images import ImageCollection
 from .methods import get_method

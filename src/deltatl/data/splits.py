@@ -5,7 +5,6 @@ train / validation / test images can be read back and reproduced.
 """
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 from typing import Sequence
 
