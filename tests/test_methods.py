@@ -65,3 +65,17 @@ def test_delta_plus_bss_trains_both_terms_and_compares_with_rifle(cli, image_fol
     summary = next((tmp_path / "cmp" / "lp-ft+bss+rifle1").rglob("summary.json"))
     assert json.loads(summary.read_text())["rifle"] == 1
     assert torch.load(summary.parent / "linear_probe" / "checkpoint.pt", weights_only=True)["done"]
+
+
+def test_lp_ft_plus_delta_scores_attention_on_the_fresh_head_as_plain_delta_does(cli, image_folder, tmp_path):
+    """The attention cache key assumes a fresh head: LP-FT's probed head goes on only after scoring."""
+    root = image_folder()
+    flags = ["--data", root, *TINY_TRAIN_ARGS, "--delta-layers", "layer1", "--attention-epochs", "1",
+             "--attention-batch-size", "4"]
+    for method, cache in (("delta", "cache-a"), ("lp-ft+delta", "cache-b")):
+        result = cli("train", *flags, "--method", method, "--attention-cache", tmp_path / cache,
+                     "--out", tmp_path / method)
+        assert result.code == 0, result.err
+    assert (tmp_path / "delta" / "attention.json").read_text() == (tmp_path / "lp-ft+delta" / "attention.json").read_text()
+    probe = torch.load(tmp_path / "lp-ft+delta" / "linear_probe" / "checkpoint.pt", weights_only=True)
+    assert probe["done"]

@@ -231,7 +231,8 @@ def train_run(config: TrainConfig, *, resume: bool = False, progress: bool = Tru
         if not len(splits.val):
             raise DeltatlError("wise-ft chooses its mixing coefficient on the validation split: give "
                                "--val-per-class or --val-fraction")
-    objective = build_objective(config, model, train_set, run_dir, device, progress, dist)
+    objective = build_objective(config, model, train_set, run_dir, device, progress, dist,
+                                probe=start if method.linear_probe else None)
     run_info = {"method": config.method, "model": config.model, "data": config.data, "rifle": config.rifle,
                 "alpha": config.resolved_alpha(),
                 "alpha_from": alpha_origin(config),
@@ -349,8 +350,9 @@ def channel_attention_scores_for(config: TrainConfig, model: torch.nn.Module, la
 
 def probe_head(config: TrainConfig, model: torch.nn.Module, train_set: TransformedImages, run_dir: str,
                device: torch.device, progress: bool, dist: DistEnv = SINGLE) -> dict[str, torch.Tensor]:
-    """LP-FT's first stage: ``model``'s head replaced, in place, by a linear probe's; returns the whole
-    probe model's state (WiSE-FT's start: with BatchNorm statistics adapted when the probe's were).
+    """LP-FT's first stage: the linear probe's whole state (WiSE-FT's start: with BatchNorm statistics
+    adapted when the probe's were); :func:`build_objective` puts its head on ``model``, after the channel
+    attention (which scores the pretrained network with a fresh head, as its cache key assumes).
 
     The probe is the L2-FE fit of the channel attention (its ``--attention-*`` settings), on a copy of
     the model (whose backbone, BatchNorm statistics included, stays the pretrained one), run by rank 0
@@ -364,10 +366,13 @@ def probe_head(config: TrainConfig, model: torch.nn.Module, train_set: Transform
         return {k: v.detach().cpu().clone() for k, v in fitted.state_dict().items()}
 
     with suspended(model):  # the comparison tricks belong to the fine-tuning, not to the probe
-        state = dist.on_rank0(probe)
+        return dist.on_rank0(probe)
+
+
+def load_probed_head(model: torch.nn.Module, probe: dict[str, torch.Tensor]) -> None:
+    """LP-FT: ``model``'s head, in place, from the probe's state (:func:`probe_head`)."""
     prefix = f"{head_name(model)}."
-    head_module(model).load_state_dict({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
-    return state
+    head_module(model).load_state_dict({k.removeprefix(prefix): v for k, v in probe.items() if k.startswith(prefix)})
 
 
 def co_tuning_relationship(config: TrainConfig, source_model: torch.nn.Module, train_set: TransformedImages,
@@ -391,8 +396,10 @@ def alpha_origin(config: TrainConfig) -> str | None:
 
 
 def build_objective(config: TrainConfig, model: torch.nn.Module, train_set: TransformedImages, run_dir: str,
-                    device: torch.device, progress: bool, dist: DistEnv = SINGLE) -> Objective:
-    """The method's objective; for ``delta`` this computes (or reuses) the channel attention first.
+                    device: torch.device, progress: bool, dist: DistEnv = SINGLE,
+                    probe: dict[str, torch.Tensor] | None = None) -> Objective:
+    """The method's objective; for ``delta`` this computes (or reuses) the channel attention first, and
+    only then (``probe``, LP-FT) starts the head from the linear probe's.
 
     Under DDP the attention is computed (or read) by rank 0 alone and sent to the other processes, and
     DELTA's summed term is scaled by the world size (DDP averages the processes' gradients).
@@ -406,6 +413,8 @@ def build_objective(config: TrainConfig, model: torch.nn.Module, train_set: Tran
         if dist.is_primary:
             write_scores(os.path.join(run_dir, "attention.json"), raw, {"layers": layers})
         weights = normalize_scores(raw, config.attention_temperature)
+    if probe is not None:
+        load_probed_head(model, probe)
     alpha = config.resolved_alpha()
     if alpha is not None and progress:
         print(f"alpha {alpha:g}: {alpha_origin(config)}", file=sys.stderr)
