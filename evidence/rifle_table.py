@@ -34,8 +34,8 @@ def main() -> None:
     print("| method | seeds done | test top-1 (%) |\n|---|---|---|")
     for spec, tests in runs.items():
         values = list(tests.values())
-        std = statistics.stdev(values) if len(values) > 1 else float("nan")
-        print(f"| {spec} | {', '.join(map(str, sorted(tests)))} | {statistics.fmean(values):.2f} ± {std:.2f} |")
+        spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
+        print(f"| {spec} | {', '.join(map(str, sorted(tests)))} | {statistics.fmean(values):.2f}{spread} |")
     print("\n| RIFLE minus without | seeds | mean | std | 95 % interval |\n|---|---|---|---|---|")
     for spec, tests in runs.items():
         base = spec.rsplit("+rifle", 1)[0]
@@ -46,8 +46,9 @@ def main() -> None:
             continue
         row = next(r for r in paired_differences({spec: [tests[s] for s in seeds],
                                                   base: [runs[base][s] for s in seeds]}) if r["minus"] == base)
-        print(f"| {spec} - {base} | {', '.join(map(str, seeds))} | {row['diff_mean']:+.2f} | {row['diff_std']:.2f} | "
-              f"[{row['ci_low']:+.2f}, {row['ci_high']:+.2f}] |")
+        spread = (f"{row['diff_std']:.2f} | [{row['ci_low']:+.2f}, {row['ci_high']:+.2f}]" if len(seeds) > 1
+                  else "- | -")
+        print(f"| {spec} - {base} | {', '.join(map(str, seeds))} | {row['diff_mean']:+.2f} | {spread} |")
 
 
 if __name__ == "__main__":
