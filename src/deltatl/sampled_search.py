@@ -30,7 +30,7 @@ from .errors import DeltatlError
 from .methods import get_method
 from .outputs import atomic_open, check_output_folder
 from .search import (OWN_FILES, PARAMS, STUDY_FILE, _check_spec, _first_line, fold_config, open_storage,
-                     point_label, redact, refit_config)
+                     point_label, redact, refit_config, stored_where)
 
 SAMPLED_RULE = "highest mean validation top-1 over the folds among the complete trials (TPE sampler, median pruner)"
 
@@ -121,7 +121,7 @@ def sampled_search(base: TrainConfig, train_split: ImageCollection, ranges: Rang
     best = max(complete, key=lambda t: (t.value, -t.number))  # ties: the earlier trial
     refit = _train_once(refit_config(base, best.params, out), train, poll_seconds)
     results = _results(base, ranges, folds, study, best, refit, out)
-    results["storage"] = redact(url)
+    results["storage"] = stored_where(storage)
     results["figures"] = write_figures(study, out, len(ranges.names()))
     write_sampled_results(out, results)
     return results
@@ -187,7 +187,7 @@ def _results(base: TrainConfig, ranges: Ranges, folds: int, study: optuna.Study,
     return {"method": base.method, "rifle": base.rifle, "folds": folds, "ranges": ranges.as_dict(),
             "trials": trials, "chosen": best.params, "chosen_trial": best.number, "chosen_mean": best.value,
             "rule": SAMPLED_RULE,
-            "refit": {"run_dir": refit.get("run_dir") or refit_config(base, best.params, out).out,
+            "refit": {"run_dir": os.path.relpath(refit_config(base, best.params, out).out, out),
                       "test_top1": refit.get("test_top1"),
                       "train_images": refit.get("train_images")}}
 

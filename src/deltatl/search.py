@@ -147,6 +147,12 @@ def check_search(base: TrainConfig, grid: Grid, folds: int, out: str) -> list[di
     return points
 
 
+def stored_where(storage: str | None) -> str:
+    """The study's storage as the result files name it: the URL without password, or the SQLite file in
+    ``--out`` (not its absolute path, which is this machine's)."""
+    return redact(storage) if storage else f"{STUDY_FILE} (SQLite, in --out)"
+
+
 def redact(url: str) -> str:
     """A storage URL without its password, for messages and files."""
     return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
@@ -405,6 +411,11 @@ class _Search:
 
     # --- the results ----------------------------------------------------------------------------
 
+    def _in_out(self, run_dir: str | None) -> str | None:
+        """A run directory as the result files name it: relative to ``--out`` (the study keeps the
+        absolute path its worker saw), so the files read the same on every machine and in a checkout."""
+        return None if run_dir is None else os.path.relpath(run_dir, os.path.abspath(self.out))
+
     def _results(self, board: _Board) -> dict[str, Any]:
         index, scores = self._choice(board)
         refit = board.complete(REFIT)
@@ -415,7 +426,7 @@ class _Search:
                 t = board.complete(fold_key(p, f))
                 assert t is not None
                 trials.append({"point": point_label(p), **p, "fold": f, "val_top1": t.value, "trial": t.number,
-                               "run_dir": t.user_attrs.get("run_dir"), "worker": t.user_attrs.get("worker"),
+                               "run_dir": self._in_out(t.user_attrs.get("run_dir")), "worker": t.user_attrs.get("worker"),
                                **{k: t.user_attrs.get("summary", {}).get(k) for k in ("seconds", "reused")}})
         points = [{"point": point_label(p), **p, "val_top1": s, "mean": statistics.fmean(s),
                    "std": statistics.stdev(s) if len(s) > 1 else 0.0} for p, s in zip(self.points, scores)]
@@ -428,7 +439,7 @@ class _Search:
             "rule": TIE_RULE, "study": self.study.study_name, "points": points, "trials": trials,
             "chosen": chosen,
             "refit": {"point": point_label(chosen), "trial": refit.number, "cv_mean": refit.value,
-                      "run_dir": refit.user_attrs.get("run_dir"), "worker": refit.user_attrs.get("worker"),
+                      "run_dir": self._in_out(refit.user_attrs.get("run_dir")), "worker": refit.user_attrs.get("worker"),
                       **refit.user_attrs.get("summary", {})},
         }
 
@@ -470,7 +481,7 @@ def search(base: TrainConfig, train_split: ImageCollection, grid: Grid, out: str
     worker = _Search(base, grid, points, folds, out, study, rdb, train, poll_seconds, heartbeat_seconds, log)
     log(f"study '{study_name}' in {redact(url)}: {len(worker.jobs)} fold runs + 1 refit")
     results = worker.run()
-    results["storage"] = redact(url)
+    results["storage"] = stored_where(storage)
     write_results(out, results)
     return results
 
