@@ -411,10 +411,10 @@ class _Search:
 
     # --- the results ----------------------------------------------------------------------------
 
-    def _in_out(self, run_dir: str | None) -> str | None:
+    def _in_out(self, config: TrainConfig) -> str:
         """A run directory as the result files name it: relative to ``--out`` (the study keeps the
-        absolute path its worker saw), so the files read the same on every machine and in a checkout."""
-        return None if run_dir is None else os.path.relpath(run_dir, os.path.abspath(self.out))
+        absolute path its worker saw), so every worker writes the same files, on any machine."""
+        return os.path.relpath(config.out or "", self.out)
 
     def _results(self, board: _Board) -> dict[str, Any]:
         index, scores = self._choice(board)
@@ -426,7 +426,8 @@ class _Search:
                 t = board.complete(fold_key(p, f))
                 assert t is not None
                 trials.append({"point": point_label(p), **p, "fold": f, "val_top1": t.value, "trial": t.number,
-                               "run_dir": self._in_out(t.user_attrs.get("run_dir")), "worker": t.user_attrs.get("worker"),
+                               "run_dir": self._in_out(fold_config(self.base, p, self.folds, f, self.out)),
+                               "worker": t.user_attrs.get("worker"),
                                **{k: t.user_attrs.get("summary", {}).get(k) for k in ("seconds", "reused")}})
         points = [{"point": point_label(p), **p, "val_top1": s, "mean": statistics.fmean(s),
                    "std": statistics.stdev(s) if len(s) > 1 else 0.0} for p, s in zip(self.points, scores)]
@@ -439,7 +440,8 @@ class _Search:
             "rule": TIE_RULE, "study": self.study.study_name, "points": points, "trials": trials,
             "chosen": chosen,
             "refit": {"point": point_label(chosen), "trial": refit.number, "cv_mean": refit.value,
-                      "run_dir": self._in_out(refit.user_attrs.get("run_dir")), "worker": refit.user_attrs.get("worker"),
+                      "run_dir": self._in_out(refit_config(self.base, chosen, self.out)),
+                      "worker": refit.user_attrs.get("worker"),
                       **refit.user_attrs.get("summary", {})},
         }
 
