@@ -80,16 +80,23 @@ def estimate_channel_attention(model: nn.Module, layers: Sequence[str], train: T
     fe_model = fit_linear_probe(model, train, work_dir=work_dir, device=device, seed=seed, epochs=settings.epochs,
                                 lr=settings.lr, batch_size=settings.batch_size, bn_train=settings.bn_train,
                                 num_workers=num_workers, progress=progress, purpose="attention")
-    # The first K batches of a fixed epoch of the training order, with train augmentation.
-    sampler = EpochSampler(len(train), seed, epoch=0)
-    loader = DataLoader(train, batch_size=settings.batch_size, sampler=sampler, num_workers=num_workers)
+    batches = scoring_batches(train, settings.batch_size, settings.batches, seed, device, num_workers)
+    return channel_attention_scores(fe_model, list(layers), batches, method=settings.method, progress=progress)
+
+
+def scoring_batches(train: TransformedImages, batch_size: int, count: int, seed: int, device: torch.device,
+                    num_workers: int = 0) -> list[tuple[Tensor, Tensor]]:
+    """The first ``count`` batches of a fixed epoch (0) of the training order, with train augmentation:
+    what the official procedure scores the channels on (fewer if the split is short)."""
+    loader = DataLoader(train, batch_size=batch_size, sampler=EpochSampler(len(train), seed, epoch=0),
+                        num_workers=num_workers)
     train.set_epoch(0)
     batches = []
     for images, labels in loader:
         batches.append((images.to(device), labels.to(device)))
-        if len(batches) == settings.batches:
+        if len(batches) == count:
             break
-    return channel_attention_scores(fe_model, list(layers), batches, method=settings.method, progress=progress)
+    return batches
 
 
 def fit_linear_probe(model: nn.Module, train: TransformedImages, *, work_dir: str, device: torch.device,

@@ -48,7 +48,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..attention.scores import (_batch_loss, _expansion_point, _forward_with_hook, channel_attention_scores,
@@ -56,7 +55,8 @@ from ..attention.scores import (_batch_loss, _expansion_point, _forward_with_hoo
 from ..config import TrainConfig
 from ..data import TransformedImages
 from ..data.transforms import eval_transform, train_transform
-from ..engine.fit import EpochSampler, epoch_steps, fit
+from ..attention.estimate import scoring_batches
+from ..engine.fit import epoch_steps, fit
 from ..engine.objective import Objective
 from ..errors import DeltatlError
 from ..features import layer_preset
@@ -143,14 +143,7 @@ def build_l2fe_model(args: argparse.Namespace, device: torch.device) -> tuple[nn
     head = {"head_epochs": args.head_epochs, "head_steps": steps, "train_images": len(train),
             "val_images": len(val), "head_val_top1": summary["val_top1"], "head_seconds": round(seconds, 1)}
     log(f"L2-FE head trained in {seconds:.0f} s, val top-1 {summary['val_top1']:.1f} %")
-    sampler = EpochSampler(len(train), args.seed, epoch=0)
-    loader = DataLoader(train, batch_size=args.batch_size, sampler=sampler)
-    train.set_epoch(0)
-    batches = []
-    for images, labels in loader:
-        batches.append((images.to(device), labels.to(device)))
-        if len(batches) == args.attention_batches:
-            break
+    batches = scoring_batches(train, args.batch_size, args.attention_batches, args.seed, device)
     if len(batches) < args.attention_batches or batches[-1][0].shape[0] != args.batch_size:
         raise DeltatlError(f"not enough training images for {args.attention_batches} batches of {args.batch_size}")
     return model.eval(), batches, head
