@@ -67,9 +67,6 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Process r of a DDP run seeds its global RNG (dropout) with seed + r * stride: the processes draw
-# different dropout masks for their different images, and rank 0 draws those of a single-process run.
-RANK_SEED_STRIDE = SEED_STRIDE
 
 
 class Interrupted(Exception):
@@ -256,7 +253,9 @@ class _Loop:
         if self.primary:
             os.makedirs(run_dir, exist_ok=True)
 
-        ckpt.seed_everything(seed + RANK_SEED_STRIDE * dist.rank)
+        # Process r seeds its global RNG (dropout) with seed + r * stride: the processes draw different
+        # masks for their different images, and rank 0 draws those of a single-process run.
+        ckpt.seed_everything(seed + SEED_STRIDE * dist.rank)
         objective.to(device)
         # Target, source, L2-SP starting point and attention: rank 0's on every process.
         dist.broadcast_module_(objective)

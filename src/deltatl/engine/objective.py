@@ -125,8 +125,8 @@ class Objective(nn.Module):
         self.layers: tuple[str, ...] = tuple(dict.fromkeys(n for _, m in self._terms for n in m.source_layers))
         self._head_input: Tensor | None = None
         self._source_logits_needed = any(m.reads_source_logits for _, m in self._terms)
-        if any(m.uses_source_head for _, m in self._terms) and source_model is None:
-            raise DeltatlError(f"method {method} needs the pretrained network with its own classifier (source_model)")
+        if self._source_logits_needed and source_model is None:  # a copy of the target has the new head
+            raise DeltatlError(f"method {method} reads the pretrained network's own logits: give source_model")
         if gradient_mean is not None:  # DDP averages the target's gradients; the terms' own parameters here
             for _, module in self._terms:
                 for param in module.parameters():
