@@ -383,19 +383,21 @@ class _Loop:
         for images, labels in self.loader(epoch, start):
             step = self.state.step
             self.scheduler.step_update(step)
+            before = self.context()
             for hook in self.hooks:
-                hook.before_step(self.context())
+                hook.before_step(before)
             images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
             labels = labels.to(self.device, non_blocking=True)
             for hook in self.hooks:
-                labels = hook.labels(self.context(), labels)
+                labels = hook.labels(before, labels)
             if step % self.steps_per_epoch == 0:
                 self.state.gap = self.objective.statistics_gap(images)
             train_step(self.objective, self.optimizer, self.scaler, images, labels, self.sums)
             self.state.step = step = step + 1
             bar.update(1)
+            after = self.context()
             for hook in self.hooks:  # identical on every process: hooks are functions of the step
-                event = hook.after_step(self.context())
+                event = hook.after_step(after)
                 if event and self.primary:
                     _append_metrics(self.metrics_path, {"step": step, "event": event})
                     if self.writer is not None:
