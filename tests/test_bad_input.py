@@ -511,7 +511,7 @@ def test_an_unreadable_class_folder_is_one_error_line_naming_it(train, image_fol
 
 
 def test_ctrl_c_during_start_up_is_one_line_without_traceback(tmp_path, image_folder, tiny_train_args):
-    """SIGINT half a second in: Python is still importing PyTorch (or, on a fast machine, training)."""
+    """SIGINT half a second in: Python is still importing PyTorch, or deltatl is starting the run."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "deltatl", "train", "--data", str(image_folder()),
                              *tiny_train_args, "--out", "run"], cwd=tmp_path, env=env, text=True,
@@ -520,9 +520,8 @@ def test_ctrl_c_during_start_up_is_one_line_without_traceback(tmp_path, image_fo
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert "Traceback" not in err, err
-    assert proc.returncode in (0, 130), err  # 0: it had already finished
-    if proc.returncode == 130:
-        assert err.splitlines()[-1].startswith("deltatl: interrupted"), err
+    assert proc.returncode == 130, err  # importing PyTorch alone takes longer than half a second
+    assert err.splitlines()[-1].startswith("deltatl: interrupted"), err
 
 
 # --- a run's weights as the starting point of another --------------------------------------------------
