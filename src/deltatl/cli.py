@@ -14,6 +14,7 @@ import dataclasses
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from typing import Any, Sequence
 
 from .config import EMBEDDED_DELTA_ALPHA, OFFICIAL_ALPHA, RELATIVE_ALPHA, TrainConfig, load_yaml, make_config
@@ -50,11 +51,24 @@ def _given_grids(args: argparse.Namespace) -> None:
             raise DeltatlError(f"--{name.replace('_', '-')} needs at least one value")
 
 
+def _group(parser: argparse.ArgumentParser, title: str) -> Callable[..., Any]:
+    """A flag adder for one argument group. Every default is SUPPRESS, so that only flags actually
+    given override the YAML file."""
+    group = parser.add_argument_group(title)
+    return lambda *args, **kwargs: group.add_argument(*args, default=argparse.SUPPRESS, **kwargs)
+
+
 def _train_options(parser: argparse.ArgumentParser) -> None:
-    """Training flags; every default is SUPPRESS so only flags actually given override the YAML file."""
+    """The run settings' flags (those of TrainConfig), in groups."""
     d = TrainConfig()
-    add = lambda *a, **k: g.add_argument(*a, default=argparse.SUPPRESS, **k)  # noqa: E731  (current group)
-    g = parser.add_argument_group("data")
+    _data_options(parser, d)
+    _method_options(parser, d)
+    _optimisation_options(parser, d)
+
+
+def _data_options(parser: argparse.ArgumentParser, d: TrainConfig) -> None:
+    """The data and the model."""
+    add = _group(parser, "data")
     add("--data", help=f"dataset name (fashion-mnist, caltech256-30, caltech256-60, caltech256, stanford-dogs, "
                        f"mit-indoor67, cub200, food101, list: see README) or image folder "
                        f"root/{{train,test[,val]}}/<class>/* (default {d.data})")
@@ -77,7 +91,7 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
              "(Table 2's variant; validation and test; default off: one centre crop)")
     add("--no-check-images", dest="check_images", action="store_false",
         help="do not decode every image file up front (unreadable files then stop the run)")
-    g = parser.add_argument_group("model")
+    add = _group(parser, "model")
     add("--model", help=f"timm model name or torchvision/<name> (default {d.model}, embedded ImageNet weights)")
     add("--pretrained", choices=("auto", "embedded", "hub", "none"),
         help="source weights: auto = embedded if available else the hub (default auto)")
@@ -86,7 +100,11 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
     add("--aux-weight", type=float,
         help="Inception-V3: keep the auxiliary classifier (new head for the target classes) and add this "
              "weight x its cross-entropy to the training loss (torchvision's recipe: 0.4); default 0: removed")
-    g = parser.add_argument_group("method")
+
+
+def _method_options(parser: argparse.ArgumentParser, d: TrainConfig) -> None:
+    """The method, its regularizers, RIFLE, the comparison tricks and the channel attention."""
+    add = _group(parser, "method")
     add("--method", help=f"{', '.join(METHODS)} (default {d.method})")
     add("--alpha", type=float, help=f"weight of the L2-SP / DELTA term (default: the authors' {OFFICIAL_ALPHA:g}; "
                                     f"DELTA on the embedded model {EMBEDDED_DELTA_ALPHA:g}, with the relative "
@@ -109,7 +127,7 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
     add("--rifle", type=int, help="RIFLE: re-initialise the head K times, evenly spaced (default 0)")
     add("--rifle-reset-momentum", action="store_true", help="RIFLE: also clear the head's momentum")
     add("--rifle-cyclic-lr", action="store_true", help="RIFLE: restarting cosine learning rate for the head")
-    g = parser.add_argument_group("tricks RIFLE was compared with (any method; default off)")
+    add = _group(parser, "tricks RIFLE was compared with (any method; default off)")
     add("--head-dropout", type=float, help="Dropout with this rate on the head's input (training only)")
     add("--head-dropconnect", type=float, help="DropConnect: drop each head weight with this rate, kept "
                                                "ones scaled by 1/(1-p) (training only)")
@@ -117,7 +135,7 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
                                              "dropped per image, rate rising with depth; timm models)")
     add("--disturb-label", type=float, help="DisturbLabel: replace each training label by a uniformly drawn "
                                             "class with this probability (seeded per step)")
-    g = parser.add_argument_group("supervised channel attention (method delta)")
+    add = _group(parser, "supervised channel attention (method delta)")
     add("--attention-file", help="raw channel scores (deltatl or official JSON) instead of computing them")
     add("--attention-method", choices=("exact", "first_order", "naive"),
         help="exact (fast, default), first_order (activation x gradient) or naive (reference loop)")
@@ -129,7 +147,11 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
         help="freeze BatchNorm statistics during the L2-FE fit (the official code let them adapt)")
     add("--attention-temperature", type=float, help=f"softmax temperature (default {d.attention_temperature})")
     add("--attention-cache", help="folder of cached raw scores (default ~/.cache/deltatl/attention)")
-    g = parser.add_argument_group("optimisation")
+
+
+def _optimisation_options(parser: argparse.ArgumentParser, d: TrainConfig) -> None:
+    """The optimiser and its schedule, precision, and how and where the run executes."""
+    add = _group(parser, "optimisation")
     add("--epochs", type=int, help=f"training epochs (default {TrainConfig.DEFAULT_EPOCHS})")
     add("--iters", type=int, help="training iterations instead of epochs")
     add("--batch-size", type=int, help=f"images per step (default {d.batch_size}); under torchrun per process: "
@@ -146,7 +168,7 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
     add("--lr-min-factor", type=float, help="lowest lr of the cyclic schedules, as a fraction of --lr "
                                             f"(default {d.lr_min_factor})")
     add("--seed", type=int, help=f"default {d.seed}")
-    g = parser.add_argument_group("execution")
+    add = _group(parser, "execution")
     add("--device", help="cpu, cuda, cuda:N, mps or auto (default auto)")
     add("--workers", type=int, help="data-loading processes (default: 0 on the CPU, where the training step "
                                     "needs the cores (BENCHMARKS.md); min(8, usable CPUs per process) on CUDA)")
@@ -210,6 +232,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue interrupted runs")
     _train_options(p)
 
+    _add_search_command(sub)
+
+    p = sub.add_parser("attention", help="DELTA's supervised channel attention scores, to a JSON file")
+    p.add_argument("--output", default="attention.json", help="raw scores file (default attention.json)")
+    p.add_argument("--config", help="YAML file of settings")
+    p.add_argument("--quiet", action="store_true")
+    _train_options(p)
+
+    p = sub.add_parser("demo", help="the main job: several methods on the embedded default, one table")
+    p.add_argument("--methods", nargs="+", default=list(DEMO_METHODS))
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--resume", action="store_true", help="continue interrupted demo runs")
+    _train_options(p)
+    p.set_defaults(**DEMO_DEFAULTS)
+
+    p = sub.add_parser("bench", help="benchmark suite: step time, memory, throughput, attention (JSON lines)",
+                       description="Benchmarks with honest ratios: methods interleaved round by round on "
+                                   "the same model, batch and input size; JSON lines on stdout, progress on "
+                                   "stderr (see BENCHMARKS.md).")
+    from .bench import add_arguments as add_bench_arguments
+
+    add_bench_arguments(p)
+
+    _add_report_command(sub)
+    return parser
+
+
+def _add_search_command(sub: Any) -> None:
+    """``deltatl search``: a grid or ranges, folds, the shared study."""
     p = sub.add_parser("search", help="alpha (and beta, lr) of one method by k-fold cross-validation, "
                                       "then a refit evaluated on the test split (Optuna)")
     p.add_argument("--alpha-grid", nargs="*", default=None, help="candidate alphas, e.g. 1e-4 1e-3 1e-2")
@@ -238,27 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "always reused)")
     _train_options(p)
 
-    p = sub.add_parser("attention", help="DELTA's supervised channel attention scores, to a JSON file")
-    p.add_argument("--output", default="attention.json", help="raw scores file (default attention.json)")
-    p.add_argument("--config", help="YAML file of settings")
-    p.add_argument("--quiet", action="store_true")
-    _train_options(p)
 
-    p = sub.add_parser("demo", help="the main job: several methods on the embedded default, one table")
-    p.add_argument("--methods", nargs="+", default=list(DEMO_METHODS))
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("--resume", action="store_true", help="continue interrupted demo runs")
-    _train_options(p)
-    p.set_defaults(**DEMO_DEFAULTS)
-
-    p = sub.add_parser("bench", help="benchmark suite: step time, memory, throughput, attention (JSON lines)",
-                       description="Benchmarks with honest ratios: methods interleaved round by round on "
-                                   "the same model, batch and input size; JSON lines on stdout, progress on "
-                                   "stderr (see BENCHMARKS.md).")
-    from .bench import add_arguments as add_bench_arguments
-
-    add_bench_arguments(p)
-
+def _add_report_command(sub: Any) -> None:
+    """``deltatl report``: the papers' figures for runs."""
     p = sub.add_parser("report", help="the DELTA paper's figures and tables for runs, on one HTML page")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (e.g. runs/fm30/*/seed0)")
     p.add_argument("--out", required=True, help="report folder: index.html, PNG + SVG figures, CSV/JSON numbers")
@@ -273,7 +306,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="which sample images are drawn (default 0)")
     p.add_argument("--device", default="cpu", help="where the networks run (default cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    return parser
 
 
 def _config_from(args: argparse.Namespace, defaults: dict[str, Any] | None = None) -> TrainConfig:

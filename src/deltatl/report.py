@@ -81,6 +81,46 @@ def shared_settings(runs: Sequence[Run]) -> dict[str, Any]:
     return out
 
 
+def _runs_for(run_dirs: Sequence[str], out: str) -> list[Run]:
+    """The runs, once ``out`` is known not to lie inside one of them nor to hold foreign files."""
+    runs = load_runs(run_dirs)
+    out_real = os.path.realpath(out)
+    for run in runs:
+        if out_real == os.path.realpath(run.path) or out_real.startswith(os.path.realpath(run.path) + os.sep):
+            raise DeltatlError(f"--out {out} lies inside the run directory {run.path}; choose another folder")
+    check_output_folder(out, "report", OWN_FILES)
+    return runs
+
+
+def _run_notes(runs: Sequence[Run], with_checkpoint: Sequence[Run]) -> list[str]:
+    """What the page says about runs that are not finished or have no checkpoint."""
+    notes = [f"{r.label}: not finished (no summary.json); its latest checkpoint is used" for r in runs
+             if not r.finished]
+    if len(with_checkpoint) < len(runs):
+        notes.append("no checkpoint (left out of the analyses of weights and features): "
+                     + ", ".join(r.label for r in runs if r not in with_checkpoint))
+    return notes
+
+
+def _run_analyses(steps: Sequence[tuple[str, Callable[[], AnalysisResult], bool]], progress: bool
+                  ) -> tuple[list[AnalysisResult], list[tuple[str, str]]]:
+    """Each applicable analysis in order: its result, or why it is not shown."""
+    results: list[AnalysisResult] = []
+    skipped: list[tuple[str, str]] = []
+    bar = tqdm(steps, desc="report", unit="analysis", disable=None if progress else True)
+    for title, step, applies in bar:
+        bar.set_postfix_str(title)
+        if not applies:
+            skipped.append((title, NOT_APPLICABLE[title]))
+            continue
+        try:
+            results.append(step())
+        except DeltatlError as exc:
+            # One analysis that cannot run (missing dataset, hub weights offline...) does not stop the rest.
+            skipped.append((title, str(exc)))
+    return results, skipped
+
+
 def build_report(run_dirs: Sequence[str], out: str, *, layer: str | None = None, filters: int = 3,
                  images: int = 2, sample: int = 32, keypoints: str | None = None, keypoint_images: int = 300,
                  seed: int = 0, device: str = "cpu", progress: bool = True) -> str:
@@ -102,22 +142,11 @@ def build_report(run_dirs: Sequence[str], out: str, *, layer: str | None = None,
     """
     from .run import resolve_device
 
-    runs = load_runs(run_dirs)
-    out_real = os.path.realpath(out)
-    for run in runs:
-        if out_real == os.path.realpath(run.path) or out_real.startswith(os.path.realpath(run.path) + os.sep):
-            raise DeltatlError(f"--out {out} lies inside the run directory {run.path}; choose another folder")
-    check_output_folder(out, "report", OWN_FILES)
+    runs = _runs_for(run_dirs, out)
     dev = resolve_device(device)
     os.makedirs(out, exist_ok=True)
-    results: list[AnalysisResult] = []
-    skipped: list[tuple[str, str]] = []
-    notes: list[str] = [f"{r.label}: not finished (no summary.json); its latest checkpoint is used"
-                        for r in runs if not r.finished]
     with_checkpoint = [r for r in runs if os.path.isfile(r.checkpoint_path)]
-    if len(with_checkpoint) < len(runs):
-        notes.append("no checkpoint (left out of the analyses of weights and features): "
-                     + ", ".join(r.label for r in runs if r not in with_checkpoint))
+    notes = _run_notes(runs, with_checkpoint)
     state: dict[str, Any] = {}
 
     def curves() -> AnalysisResult:
@@ -178,17 +207,7 @@ def build_report(run_dirs: Sequence[str], out: str, *, layer: str | None = None,
         ("Channel attention", attention, any(r.attention_path for r in runs)),
         ("RIFLE re-initialisations", rifle, any(r.rifle_steps for r in runs)),
     ]
-    bar = tqdm(steps, desc="report", unit="analysis", disable=None if progress else True)
-    for title, step, applies in bar:
-        bar.set_postfix_str(title)
-        if not applies:
-            skipped.append((title, NOT_APPLICABLE[title]))
-            continue
-        try:
-            results.append(step())
-        except DeltatlError as exc:
-            # One analysis that cannot run (missing dataset, hub weights offline...) does not stop the rest.
-            skipped.append((title, str(exc)))
+    results, skipped = _run_analyses(steps, progress)
     table = results_table(runs)
     write_csv(os.path.join(out, "results.csv"), [dict(zip(table.header, row)) for row in table.rows])
     page = render_html(runs, results, skipped, notes, out)
