@@ -102,6 +102,21 @@ def test_the_alpha_with_the_best_mean_over_folds_wins_not_the_best_single_fold(t
                str(tmp_path / "s"), folds=2, train=FakeTrainer(lambda a, f: 1.0), log=lambda msg: None)
 
 
+def test_a_study_recorded_before_a_setting_existed_still_takes_workers_while_that_setting_is_at_its_default(tmp_path):
+    import optuna
+    from deltatl.search import SPEC_ATTR, STUDY_FILE
+    fake_search(tmp_path / "s", FakeTrainer(lambda a, f: 1.0))
+    study = optuna.load_study(study_name="deltatl-search", storage=f"sqlite:///{tmp_path / 's' / STUDY_FILE}")
+    spec = study.user_attrs[SPEC_ATTR]
+    del spec["config"]["l2sp_fused"]  # as written by a deltatl without that setting
+    study.set_user_attr(SPEC_ATTR, spec)
+    assert fake_search(tmp_path / "s", FakeTrainer(lambda a, f: 1.0))["chosen"] == {"alpha": 0.1}
+    base = TrainConfig(method="l2-sp", val_per_class=0, l2sp_fused=True)  # not the default: another search
+    with pytest.raises(DeltatlError, match=r"differs in: l2sp_fused\)"):
+        search(base, train_split(), Grid(alpha=(0.1, 0.01, 0.001)), str(tmp_path / "s"), folds=2,
+               train=FakeTrainer(lambda a, f: 1.0), poll_seconds=0.05, log=lambda msg: None)
+
+
 def test_a_tie_goes_to_the_earlier_grid_value_in_the_order_given(tmp_path):
     # 0.1 and 0.001 tie: 0.1 comes first in the grid (it is neither the smallest nor the first value)
     trainer = FakeTrainer(lambda a, f: {0.01: 40.0, 0.1: 50.0 + f, 0.001: 51.0 - f}[a])

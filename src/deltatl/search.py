@@ -35,6 +35,7 @@ Sharing the work (Optuna)
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -505,10 +506,12 @@ def _check_spec(study: optuna.Study, spec: dict[str, Any], where: str) -> None:
     if recorded is None:
         study.set_user_attr(SPEC_ATTR, spec)
         recorded = spec
-    if recorded != spec:
-        changed = sorted({k for k in ("folds", "grid", "fold_lists") if recorded.get(k) != spec.get(k)} | {
-            k for k in set(recorded.get("config", {})) | set(spec["config"])
-            if recorded.get("config", {}).get(k) != spec["config"].get(k)})
+    # A setting added to deltatl after the study was recorded counts at its default (as for run folders).
+    defaults = json.loads(json.dumps(dataclasses.asdict(TrainConfig())))
+    was = {**{k: defaults[k] for k in spec["config"] if k in defaults}, **recorded.get("config", {})}
+    changed = sorted({k for k in ("folds", "grid", "fold_lists") if recorded.get(k) != spec.get(k)} | {
+        k for k in set(was) | set(spec["config"]) if was.get(k) != spec["config"].get(k)})
+    if changed:
         raise DeltatlError(f"study '{study.study_name}' in {where} holds another search (differs in: "
                            f"{', '.join(changed)}); choose another --study-name (or --out)")
 
