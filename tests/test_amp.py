@@ -134,7 +134,7 @@ def test_a_mixed_precision_run_keeps_float32_weights_and_records_its_precision(c
 
 
 def test_an_unknown_precision_is_refused():
-    with pytest.raises(DeltatlError, match="--amp"):
+    with pytest.raises(DeltatlError, match="`amp`"):
         TrainConfig(amp="fp8")
 
 

@@ -87,15 +87,16 @@ def test_a_missing_config_file_is_an_error(tmp_path):
 
 
 @pytest.mark.parametrize("values, message", [
-    ({"batch_size": 0}, "--batch-size must be at least 1"),
-    ({"image_size": 4}, "--image-size must be at least 8"),
+    ({"batch_size": 0}, "`batch_size` must be at least 1"),
+    ({"image_size": 4}, "`image_size` must be at least 8"),
     ({"epochs": 2, "iters": 10}, "not both"),
-    ({"epochs": 0}, "--epochs must be at least 1"),
-    ({"lr": -0.1}, "--lr must be positive"),
-    ({"val_fraction": 1.0}, "--val-fraction"),
-    ({"train_per_class": -1}, "--train-per-class"),
+    ({"epochs": 0}, "`epochs` must be at least 1"),
+    ({"lr": -0.1}, "`lr` must be positive"),
+    ({"val_fraction": 1.0}, "`val_fraction`"),
+    ({"train_per_class": -1}, "`train_per_class`"),
+    ({"alpha": float("nan")}, "`alpha` must be a finite number"),
 ])
-def test_invalid_values_are_rejected_naming_the_flag(values, message):
+def test_invalid_values_are_rejected_naming_the_setting(values, message):
     with pytest.raises(DeltatlError, match=message):
         make_config({}, values)
 
@@ -199,7 +200,7 @@ def test_result_fields_hold_only_the_settings_the_method_uses_with_alpha_resolve
 @pytest.mark.parametrize("flag", ["--alpha", "--beta"])
 @pytest.mark.parametrize("value", ["-0.1", "nan", "inf"])
 def test_negative_or_non_finite_alpha_and_beta_are_refused(flag, value):
-    with pytest.raises(DeltatlError, match=f"{flag} must be a finite number"):
+    with pytest.raises(DeltatlError, match=f"`{flag[2:]}` must be a finite number"):
         config_from_argv(flag, value)
 
 

@@ -79,7 +79,7 @@ def test_the_objective_adds_the_weighted_aux_cross_entropy(with_aux):
 
 
 def test_the_aux_weight_on_a_model_without_aux_head_is_an_error():
-    with pytest.raises(DeltatlError, match="does not support --aux-weight"):
+    with pytest.raises(DeltatlError, match="does not support `aux_weight`"):
         create_model("test_resnet", 3, pretrained="none", aux_head=True)
     with pytest.raises(DeltatlError, match="no auxiliary classifier"):
         create_model("torchvision/resnet18", 3, pretrained="none", aux_head=True)

@@ -254,7 +254,7 @@ def test_caltech_60_trains_on_the_whole_pool_and_a_contradicting_count_is_refuse
     root = str(trees["caltech256-30"])
     sixty = load_splits("caltech256-60", root, seed=1, progress=False)
     assert sorted(sixty.train.ids) == sorted(caltech256.load(root)["train"].ids)
-    with pytest.raises(DeltatlError, match="caltech256 --train-per-class 10"):
+    with pytest.raises(DeltatlError, match="caltech256 `train_per_class` 10"):
         load_splits("caltech256-60", root, train_per_class=10, progress=False)
     assert per_class(load_splits("caltech256", root, train_per_class=10, progress=False).train) == {0: 10, 1: 10, 2: 10}
 
@@ -432,7 +432,7 @@ def test_the_cli_reports_a_missing_file_as_one_line_and_exit_status_2(cli, tmp_p
 
 @pytest.mark.parametrize("name", sorted(BUILDERS))
 def test_a_named_dataset_without_data_root_says_what_to_pass(name):
-    with pytest.raises(DeltatlError, match="needs --data-root DIR, the folder holding "):
+    with pytest.raises(DeltatlError, match="needs `data_root` DIR, the folder holding "):
         DATASETS[name](None)
 
 

@@ -124,7 +124,7 @@ def test_drop_path_rate_adds_stochastic_residual_branches_and_nothing_else():
 
 
 def test_stochastic_depth_on_a_model_without_residual_branches_is_an_error():
-    with pytest.raises(DeltatlError, match="does not support --drop-path-rate"):
+    with pytest.raises(DeltatlError, match="does not support `drop_path_rate`"):
         create_model("inception_v3", 4, pretrained="none", drop_path_rate=0.1)
     with pytest.raises(DeltatlError, match="timm model"):
         create_model("torchvision/resnet18", 4, pretrained="none", drop_path_rate=0.1)
@@ -193,7 +193,7 @@ def test_under_ddp_each_process_disturbs_its_slice_exactly_as_one_process_on_the
 def test_disturb_label_bad_probability_is_an_error():
     with pytest.raises(DeltatlError):
         DisturbLabel(1.5, 3)
-    with pytest.raises(DeltatlError, match="disturb-label"):
+    with pytest.raises(DeltatlError, match="`disturb_label`"):
         TrainConfig(disturb_label=-0.1)
 
 
@@ -308,7 +308,7 @@ def test_the_triangular_schedule_rises_from_the_floor_to_the_peak_at_mid_cycle()
 
 
 def test_too_many_cycles_are_an_error():
-    with pytest.raises(DeltatlError, match="lr-cycles"):
+    with pytest.raises(DeltatlError, match="`lr_cycles`"):
         CyclicLRScheduler(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1), "triangular", 5, 6)
 
 

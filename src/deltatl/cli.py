@@ -20,7 +20,8 @@ from typing import Any, Sequence
 from .config import EMBEDDED_DELTA_ALPHA, OFFICIAL_ALPHA, RELATIVE_ALPHA, TrainConfig, load_yaml, make_config
 from .data import DATASETS
 from .engine.objective import SOURCE_BN_MODES
-from .errors import DeltatlError
+from .errors import DeltatlError, on_command_line
+from .launch import deferred_interrupt
 from .extras import missing_extra_message
 from .methods import METHODS
 from .regularizers import DELTA_REDUCTIONS
@@ -492,19 +493,29 @@ COMMANDS = {"train": cmd_train, "export": cmd_export, "eval": cmd_eval, "predict
             "search": cmd_search, "attention": cmd_attention, "report": cmd_report, "bench": cmd_bench}
 
 
+def command_flags(parser: argparse.ArgumentParser, command: str) -> set[str]:
+    """The option names (without ``--``) of one subcommand: the settings its messages may call flags."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # argparse has no public way
+    return {o[2:] for action in sub.choices[command]._actions for o in action.option_strings if o.startswith("--")}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from .engine.fit import Interrupted
 
+    flags = command_flags(parser, args.command)
     previous_format = warnings.formatwarning
-    warnings.formatwarning = lambda msg, cat, *a, **k: f"deltatl: warning: {msg}\n"
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"deltatl: warning: {on_command_line(str(msg), flags)}\n"
     try:
+        with deferred_interrupt():  # the commands' heavy imports, as the executable does for PyTorch's
+            import timm  # noqa: F401
+            import torchvision  # noqa: F401
         return COMMANDS[args.command](args)
     except DeltatlError as exc:
         # A DataLoader worker re-raises our error with the worker's traceback as its message.
         message = str(exc).rstrip().splitlines()[-1].removeprefix("deltatl.errors.DeltatlError: ")
-        print(f"deltatl: error: {message}", file=sys.stderr)
+        print(f"deltatl: error: {on_command_line(message, flags)}", file=sys.stderr)
         return 2
     except Interrupted as exc:
         print(f"deltatl: {exc}; continue with the same command plus --resume", file=sys.stderr)

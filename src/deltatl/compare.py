@@ -71,9 +71,9 @@ def parse_alpha_grid(items: Sequence[str]) -> dict[str, list[float]]:
     grids: dict[str, list[float]] = {}
     for item in items:
         method, _, values = item.rpartition("=")
-        numbers = list(parse_grid_values("--alpha-grid", [values]))
+        numbers = list(parse_grid_values("`alpha_grid`", [values]))
         if not numbers:
-            raise DeltatlError(f"bad --alpha-grid item '{item}' (e.g. 0.01 or delta=1e-4,1e-3)")
+            raise DeltatlError(f"bad `alpha_grid` item '{item}' (e.g. 0.01 or delta=1e-4,1e-3)")
         if method:
             get_method(method)
         grids.setdefault(method or "*", []).extend(numbers)
@@ -107,7 +107,7 @@ def compare(base: TrainConfig, specs: Sequence[str], seeds: Sequence[int], out: 
         for alpha in grid:
             scores[alpha] = train(_run_config(base, out, method, seeds[0], alpha))["val_top1"]
         if any(v is None for v in scores.values()):
-            raise DeltatlError("choosing alpha needs a validation split (--val-per-class > 0)")
+            raise DeltatlError("choosing alpha needs a validation split (`val_per_class` > 0)")
         chosen[method] = max(grid, key=lambda a: scores[a])  # max() keeps the first of ties
         selection[method] = {f"{a:g}": s for a, s in scores.items()}
     rows = []

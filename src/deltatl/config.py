@@ -26,9 +26,14 @@ if TYPE_CHECKING:
     from .attention import AttentionSettings
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
-    """Everything that determines a run's result. Field names are the CLI flags with ``_`` for ``-``."""
+    """Everything that determines a run's result. Field names are the CLI flags with ``_`` for ``-``.
+
+    Frozen: a variant (a compare seed, a search fold) is ``dataclasses.replace(config, ...)``, so a
+    config handed to one run can never be changed under another. Flat on purpose: one field per flag
+    and per ``config.yaml`` key of a run folder; the library reads per-concern objects built from it
+    (``attention_settings()``, the explicit arguments :mod:`deltatl.run` passes on)."""
 
     # data
     data: str = "fashion-mnist"
@@ -119,56 +124,56 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name, low in (("image_size", 8), ("batch_size", 1), ("eval_every", 1), ("workers", 0)):
             if getattr(self, name) is not None and getattr(self, name) < low:
-                raise DeltatlError(f"--{name.replace('_', '-')} must be at least {low}")
+                raise DeltatlError(f"`{name}` must be at least {low}")
         if self.epochs is not None and self.iters is not None:
-            raise DeltatlError("give --epochs or --iters, not both")
+            raise DeltatlError("give `epochs` or `iters`, not both")
         for name in ("epochs", "iters"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise DeltatlError(f"--{name} must be at least 1")
+                raise DeltatlError(f"`{name}` must be at least 1")
         if self.rifle < 0:
-            raise DeltatlError("--rifle must be >= 0")
+            raise DeltatlError("`rifle` must be >= 0")
         if self.delta_reduction not in DELTA_REDUCTIONS:
-            raise DeltatlError(f"--delta-reduction must be one of {', '.join(DELTA_REDUCTIONS)}")
+            raise DeltatlError(f"`delta_reduction` must be one of {', '.join(DELTA_REDUCTIONS)}")
         if self.delta_source_bn not in SOURCE_BN_MODES:
-            raise DeltatlError(f"--delta-source-bn must be one of {', '.join(SOURCE_BN_MODES)}")
+            raise DeltatlError(f"`delta_source_bn` must be one of {', '.join(SOURCE_BN_MODES)}")
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
-                raise DeltatlError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
+                raise DeltatlError(f"`{f.name}` must be a finite number, got {value}")
         for name in ("alpha", "beta", "weight_decay"):
             value = getattr(self, name)
             if value is not None and value < 0:
-                raise DeltatlError(f"--{name.replace('_', '-')} must be a finite number >= 0")
+                raise DeltatlError(f"`{name}` must be a finite number >= 0")
         if not 0 <= self.momentum < 1:
-            raise DeltatlError("--momentum must be in [0, 1)")
+            raise DeltatlError("`momentum` must be in [0, 1)")
         if self.attention_temperature <= 0:
-            raise DeltatlError("--attention-temperature must be positive")
+            raise DeltatlError("`attention_temperature` must be positive")
         if self.amp not in ("none", "bf16", "fp16"):
-            raise DeltatlError("--amp must be none, bf16 or fp16")
+            raise DeltatlError("`amp` must be none, bf16 or fp16")
         if self.attention_method not in ("exact", "first_order", "naive"):
-            raise DeltatlError("--attention-method must be exact, first_order or naive")
+            raise DeltatlError("`attention_method` must be exact, first_order or naive")
         if self.lr <= 0:
-            raise DeltatlError("--lr must be positive")
+            raise DeltatlError("`lr` must be positive")
         for name, low, high in (("head_dropout", 0, 1), ("head_dropconnect", 0, 1), ("drop_path_rate", 0, 1),
                                 ("lr_min_factor", 0, 1)):
             if not low <= getattr(self, name) < high:
-                raise DeltatlError(f"--{name.replace('_', '-')} must be in [{low}, {high})")
+                raise DeltatlError(f"`{name}` must be in [{low}, {high})")
         if not 0 <= self.disturb_label <= 1:
-            raise DeltatlError("--disturb-label must be in [0, 1]")
+            raise DeltatlError("`disturb_label` must be in [0, 1]")
         if self.aux_weight < 0:
-            raise DeltatlError("--aux-weight must be >= 0")
+            raise DeltatlError("`aux_weight` must be >= 0")
         if self.aux_weight and self.image_size < 299:
             # Inception-V3's auxiliary classifier needs the 17x17 Mixed_6e map of a 299-pixel input
-            raise DeltatlError("--aux-weight needs --image-size 299 or more (Inception-V3's auxiliary classifier)")
+            raise DeltatlError("`aux_weight` needs `image_size` 299 or more (Inception-V3's auxiliary classifier)")
         if self.lr_cycles < 1:
-            raise DeltatlError("--lr-cycles must be at least 1")
+            raise DeltatlError("`lr_cycles` must be at least 1")
         if self.decay_at is not None and self.decay_at < 1:
-            raise DeltatlError("--decay-at must be at least 1")
+            raise DeltatlError("`decay_at` must be at least 1")
         if not 0 <= self.val_fraction < 1:
-            raise DeltatlError("--val-fraction must be in [0, 1)")
+            raise DeltatlError("`val_fraction` must be in [0, 1)")
         if self.train_per_class is not None and self.train_per_class < 0:
-            raise DeltatlError("--train-per-class must be positive (0 = all images)")
+            raise DeltatlError("`train_per_class` must be positive (0 = all images)")
         if (self.cv_folds is None) != (self.cv_fold is None) or (
                 self.cv_folds is not None and not 0 <= self.cv_fold < self.cv_folds):  # type: ignore[operator]
             raise DeltatlError("cv_folds and cv_fold go together, with 0 <= cv_fold < cv_folds")

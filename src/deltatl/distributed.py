@@ -210,7 +210,7 @@ def init_from_env(device: torch.device) -> tuple[DistEnv, torch.device]:
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     elif device.type != "cpu":
-        raise DeltatlError(f"distributed training runs on cuda or cpu, not {device.type}: use --device cpu")
+        raise DeltatlError(f"distributed training runs on cuda or cpu, not {device.type}: use `device` cpu")
     if not dist.is_available():
         raise DeltatlError("this PyTorch build has no torch.distributed")
     if not dist.is_initialized():
@@ -362,7 +362,7 @@ def convert_sync_batchnorm(model: nn.Module) -> int:
             continue
         target = _SYNC_CLASSES.get(type(module))
         if target is None:
-            raise DeltatlError(f"--sync-bn: cannot synchronise layer {name!r} of type "
+            raise DeltatlError(f"`sync_bn`: cannot synchronise layer {name!r} of type "
                                f"{type(module).__name__}")
         module.__class__ = target
         converted += 1

@@ -1,18 +1,42 @@
 """The ``deltatl`` executable: the command line, with Ctrl-C handled from the very first instant.
 
-Importing PyTorch takes seconds; a Ctrl-C during that import would otherwise print a traceback from
-deep inside it. This module imports nothing heavy itself, so the ``try`` below is in place before
-any of that starts.
+Importing PyTorch, torchvision and timm takes seconds. A Ctrl-C in the middle of it raises
+KeyboardInterrupt inside their C extensions' initialisation, which turns it into an ImportError with a
+traceback (numpy: "cannot load module more than once"), loses it in an optional import's ``except``,
+or leaves CPython's "unhandled interrupt" flag set so the process dies by SIGINT after deltatl said
+goodbye. So the heavy imports run with Ctrl-C deferred: it is recorded, and acted on (one line,
+exit 130) as soon as they are done. This module imports nothing heavy itself.
 """
 from __future__ import annotations
 
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+
+@contextmanager
+def deferred_interrupt() -> Iterator[None]:
+    """Run the block with SIGINT recorded instead of raised; raise KeyboardInterrupt after it if one came.
+    Outside the main thread (where handlers cannot be set) the block runs unchanged."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        from .cli import main as run_command
+        with deferred_interrupt():
+            from .cli import main as run_command
 
         return run_command(argv)
     except KeyboardInterrupt:  # during start-up; cli.main handles the ones after it

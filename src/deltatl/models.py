@@ -135,13 +135,13 @@ def _build_architecture(name: str, hub: bool, drop_path_rate: float = 0.0, aux_l
         if arch not in torchvision.models.list_models(module=torchvision.models):
             raise DeltatlError(f"unknown torchvision model '{arch}'")
         if drop_path_rate:
-            raise DeltatlError("--drop-path-rate needs a timm model (torchvision models have no drop path)")
+            raise DeltatlError("`drop_path_rate` needs a timm model (torchvision models have no drop path)")
         kwargs = {"aux_logits": True, "init_weights": False} if arch == "inception_v3" else {}
         try:
             return torchvision.models.get_model(arch, weights="DEFAULT" if hub else None, **kwargs)
         except OSError as exc:  # urllib's URLError is an OSError: no network, proxy, server down
             raise DeltatlError(f"cannot fetch torchvision's pretrained weights for '{arch}' "
-                               f"({type(exc).__name__}); use --checkpoint FILE or --pretrained none") from None
+                               f"({type(exc).__name__}); use `checkpoint` FILE or `pretrained` none") from None
     import timm
 
     if not timm.is_model(name):
@@ -157,12 +157,12 @@ def _build_architecture(name: str, hub: bool, drop_path_rate: float = 0.0, aux_l
     except Exception as exc:  # no network, no such tag...: one line, not a hub traceback
         if options and isinstance(exc, TypeError) and "unexpected keyword argument" in str(exc):
             # raised by the constructor, before any download
-            flags = {"drop_path_rate": "--drop-path-rate", "aux_logits": "--aux-weight"}
+            flags = {"drop_path_rate": "`drop_path_rate`", "aux_logits": "`aux_weight`"}
             bad = [flags[k] for k in options if k in str(exc)] or [flags[k] for k in options]
             raise DeltatlError(f"model '{name}' does not support {' / '.join(bad)}") from None
         why = "the hub cannot be reached and they are not in the local cache" if offline else type(exc).__name__
         raise DeltatlError(f"cannot fetch pretrained weights for '{name}' from the hub "
-                           f"({why}); use --checkpoint FILE or --pretrained none") from None
+                           f"({why}); use `checkpoint` FILE or `pretrained` none") from None
 
 
 def _hub_reachable() -> bool:
@@ -280,7 +280,7 @@ def _configure_aux_head(model: nn.Module, keep: bool) -> None:
     """Remove Inception's auxiliary classifier, or keep it for training mode only (see the module doc)."""
     if getattr(model, AUX_MODULE, None) is None:
         if keep:
-            raise DeltatlError(f"--aux-weight: {type(model).__name__} has no auxiliary classifier "
+            raise DeltatlError(f"`aux_weight`: {type(model).__name__} has no auxiliary classifier "
                                f"(Inception-V3 has one)")
         return
     if keep:
@@ -321,7 +321,7 @@ def _fit_source_state(model: nn.Module, state: dict[str, torch.Tensor], keep_aux
 def resolve_pretrained(name: str, pretrained: str, checkpoint: str | None) -> str:
     """Which weight source ``auto`` means here: checkpoint, embedded, or hub."""
     if pretrained not in PRETRAINED_CHOICES:
-        raise DeltatlError(f"unknown --pretrained '{pretrained}' (choose from {', '.join(PRETRAINED_CHOICES)})")
+        raise DeltatlError(f"unknown `pretrained` '{pretrained}' (choose from {', '.join(PRETRAINED_CHOICES)})")
     if checkpoint:
         return "checkpoint"
     if pretrained == "auto":

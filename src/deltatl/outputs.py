@@ -31,11 +31,11 @@ def check_output_folder(path: str, command: str, own: Sequence[str],
     if not os.path.exists(path):
         return
     if not os.path.isdir(path):
-        raise DeltatlError(f"--out {path} is a file; give a folder")
+        raise DeltatlError(f"`out` {path} is a file; give a folder")
     foreign = sorted(e for e in os.listdir(path) if not (also_own(e) or any(fnmatch.fnmatchcase(e, p) for p in own)))
     if foreign:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
-        raise DeltatlError(f"--out {path} holds files that deltatl {command} did not write ({shown}); "
+        raise DeltatlError(f"`out` {path} holds files that deltatl {command} did not write ({shown}); "
                            f"choose another folder")
 
 

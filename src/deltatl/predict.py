@@ -52,7 +52,7 @@ def evaluate_checkpoint(path: str, *, split: str = "test", data_root: str | None
             values["data"] = data_root
         elif not os.path.isdir(values["data"]):
             raise DeltatlError(f"the run's image folder {values['data']} is not there any more; "
-                               f"give its new place with --data-root")
+                               f"give its new place with `data_root`")
     elif data_root:
         values["data_root"] = data_root
     config = make_config({}, values)
@@ -99,7 +99,7 @@ def predict_files(paths: Sequence[str], *, checkpoint: str | None = None, top_k:
             with Image.open(path) as img:
                 x = transform(to_rgb(img)).unsqueeze(0).to(dev)
         except (OSError, ValueError) as exc:
-            hint = f" (a run? give it as --checkpoint {path})" if os.path.isfile(os.path.join(path, CHECKPOINT)) else ""
+            hint = f" (a run? give it as `checkpoint` {path})" if os.path.isfile(os.path.join(path, CHECKPOINT)) else ""
             raise DeltatlError(f"cannot read image {path}: {exc}{hint}") from None
         probs = (crop_logits(model, x) if x.dim() == 5 else model(x)).softmax(dim=1)[0]
         top = probs.topk(min(top_k, len(names)))

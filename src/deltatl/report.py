@@ -87,7 +87,7 @@ def _runs_for(run_dirs: Sequence[str], out: str) -> list[Run]:
     out_real = os.path.realpath(out)
     for run in runs:
         if out_real == os.path.realpath(run.path) or out_real.startswith(os.path.realpath(run.path) + os.sep):
-            raise DeltatlError(f"--out {out} lies inside the run directory {run.path}; choose another folder")
+            raise DeltatlError(f"`out` {out} lies inside the run directory {run.path}; choose another folder")
     check_output_folder(out, "report", OWN_FILES)
     return runs
 
@@ -178,7 +178,7 @@ def build_report(run_dirs: Sequence[str], out: str, *, layer: str | None = None,
         group = state["group"]
         locations = keypoints_source(group[0], keypoints)
         if locations is None:
-            raise DeltatlError("no part annotations: the runs are not on cub200 and no --keypoints folder was given")
+            raise DeltatlError("no part annotations: the runs are not on cub200 and no `keypoints` folder was given")
         shapes = {n: tuple(t.shape[1:]) for n, t in state["sample"].outputs[SOURCE].items()}
         return keypoint_analysis(group, out, state["networks"], locations, layer=layer or default_map_layer(shapes),
                                  count=keypoint_images, seed=seed, progress=progress)

@@ -67,11 +67,11 @@ def resolve_device(name: str) -> torch.device:
     except RuntimeError:
         raise DeltatlError(f"unknown device '{name}' (cpu, cuda, cuda:N, mps or auto)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise DeltatlError("--device cuda requested but no CUDA device is available")
+        raise DeltatlError("`device` cuda requested but no CUDA device is available")
     if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise DeltatlError("--device mps requested but this PyTorch has no MPS device (Apple silicon only)")
+        raise DeltatlError("`device` mps requested but this PyTorch has no MPS device (Apple silicon only)")
     if device.type not in ("cpu", "cuda", "mps"):
-        raise DeltatlError(f"--device {name}: deltatl runs on cpu, cuda, cuda:N or mps")
+        raise DeltatlError(f"`device` {name}: deltatl runs on cpu, cuda, cuda:N or mps")
     return device
 
 
@@ -135,7 +135,7 @@ def decay_fraction(config: TrainConfig, total_steps: int) -> float:
     if config.decay_at is None:
         return 2 / 3
     if config.decay_at > total_steps:
-        raise DeltatlError(f"--decay-at {config.decay_at} is beyond the {total_steps} training steps")
+        raise DeltatlError(f"`decay_at` {config.decay_at} is beyond the {total_steps} training steps")
     return config.decay_at / total_steps
 
 
@@ -152,7 +152,7 @@ def _prepare_run_dir(run_dir: str, config: TrainConfig, resume: bool) -> dict[st
         started = any(os.path.isfile(os.path.join(run_dir, f)) for f in (CHECKPOINT, SUMMARY))
         if changed and started:
             raise DeltatlError(f"{run_dir} holds a different run (differs in: {', '.join(changed)}); "
-                               f"choose another --out")
+                               f"choose another `out`")
         summary_path = os.path.join(run_dir, SUMMARY)
         if changed:  # recorded, but stopped before training (e.g. a refused setting): start afresh
             return None
@@ -160,9 +160,9 @@ def _prepare_run_dir(run_dir: str, config: TrainConfig, resume: bool) -> dict[st
             with open(summary_path) as f:
                 return json.load(f)
         if not resume and os.path.isfile(os.path.join(run_dir, CHECKPOINT)):
-            raise DeltatlError(f"{run_dir} holds an unfinished run of this config; pass --resume to continue it")
+            raise DeltatlError(f"{run_dir} holds an unfinished run of this config; pass `resume` to continue it")
     elif os.path.isdir(run_dir) and [f for f in os.listdir(run_dir) if f != ".lock"]:
-        raise DeltatlError(f"{run_dir} is not empty and holds no deltatl run; choose another --out")
+        raise DeltatlError(f"{run_dir} is not empty and holds no deltatl run; choose another `out`")
     return None
 
 
@@ -182,7 +182,7 @@ def train_run(config: TrainConfig, *, resume: bool = False, progress: bool = Tru
     model = seeded_model(config, len(splits.classes))
     if method.stochnorm is not None:
         if config.sync_bn:
-            raise DeltatlError("stochnorm has no synchronised BatchNorm: run it without --sync-bn")
+            raise DeltatlError("stochnorm has no synchronised BatchNorm: run it without `sync_bn`")
         if not convert_stochnorm(model, method.stochnorm):
             raise DeltatlError(f"stochnorm replaces BatchNorm layers, and {config.model} has none")
 
@@ -208,7 +208,7 @@ def train_run(config: TrainConfig, *, resume: bool = False, progress: bool = Tru
             if dist.is_primary:
                 warnings.warn(note, RifleWarning, stacklevel=2)
     if config.schedule in CYCLIC and config.lr_cycles > total_steps:
-        raise DeltatlError(f"--lr-cycles {config.lr_cycles} is more than the {total_steps} training steps")
+        raise DeltatlError(f"`lr_cycles` {config.lr_cycles} is more than the {total_steps} training steps")
     disturb = DisturbLabel(config.disturb_label, len(splits.classes), config.seed) if config.disturb_label else None
     lock: list[Any] = []  # held open (locked) until this process ends or the run returns
     dist.on_rank0(record_run)
@@ -227,10 +227,10 @@ def train_run(config: TrainConfig, *, resume: bool = False, progress: bool = Tru
     fit_dir = os.path.join(run_dir, "fine_tuned") if method.weight_ensemble else run_dir
     if method.weight_ensemble:
         if not resume and os.path.isfile(os.path.join(fit_dir, CHECKPOINT)):
-            raise DeltatlError(f"{run_dir} holds an unfinished run of this config; pass --resume to continue it")
+            raise DeltatlError(f"{run_dir} holds an unfinished run of this config; pass `resume` to continue it")
         if not len(splits.val):
             raise DeltatlError("wise-ft chooses its mixing coefficient on the validation split: give "
-                               "--val-per-class or --val-fraction")
+                               "`val_per_class` or `val_fraction`")
     objective = build_objective(config, model, train_set, run_dir, device, progress, dist,
                                 probe=start if method.linear_probe else None)
     run_info = {"method": config.method, "model": config.model, "data": config.data, "rifle": config.rifle,
@@ -327,7 +327,7 @@ def channel_attention_scores_for(config: TrainConfig, model: torch.nn.Module, la
         try:
             return read_scores(config.attention_file, layers, channels)
         except (OSError, ValueError) as exc:
-            raise DeltatlError(f"--attention-file: {exc}") from None
+            raise DeltatlError(f"`attention_file`: {exc}") from None
     settings = config.attention_settings()
     fields = {"model": config.model, **weights_identity(config), "head_init": config.head_init,
               "layers": layers, "image_size": config.image_size, "resize": config.resize, "seed": config.seed,

@@ -56,17 +56,17 @@ def check_sampled_search(base: TrainConfig, ranges: Ranges, folds: int, trials: 
     if base.cv_folds is not None:
         raise DeltatlError("the base settings of a search must not set cv_folds / cv_fold")
     if not ranges.names():
-        raise DeltatlError("give --alpha-range (and optionally --beta-range, --lr-range), or grids")
+        raise DeltatlError("give `alpha_range` (and optionally `beta_range`, `lr_range`), or grids")
     for name in ranges.names():
         low, high = getattr(ranges, name)
         if not (0 < low < high and math.isfinite(high)):
-            raise DeltatlError(f"--{name}-range needs 0 < LOW < HIGH (log-uniform), got {low:g} {high:g}")
+            raise DeltatlError(f"`{name}_range` needs 0 < LOW < HIGH (log-uniform), got {low:g} {high:g}")
     if (ranges.alpha and not method.uses("alpha")) or (ranges.beta and not method.uses("beta")):
-        raise DeltatlError(f"method '{base.method}' has no alpha or beta to search (--lr-range works with any method)")
+        raise DeltatlError(f"method '{base.method}' has no alpha or beta to search (`lr_range` works with any method)")
     if folds < 2:
-        raise DeltatlError(f"--folds must be at least 2, got {folds}")
+        raise DeltatlError(f"`folds` must be at least 2, got {folds}")
     if trials < 1:
-        raise DeltatlError(f"--trials must be at least 1, got {trials}")
+        raise DeltatlError(f"`trials` must be at least 1, got {trials}")
     check_output_folder(out, "search", OWN_FILES)
 
 

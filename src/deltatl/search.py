@@ -136,12 +136,12 @@ def check_search(base: TrainConfig, grid: Grid, folds: int, out: str) -> list[di
         raise DeltatlError("the base settings of a search must not set cv_folds / cv_fold")
     points = grid.points()
     if not points:
-        raise DeltatlError("the grid is empty: give values to --alpha-grid (and optionally --beta-grid, --lr-grid)")
+        raise DeltatlError("the grid is empty: give values to `alpha_grid` (and optionally `beta_grid`, `lr_grid`)")
     if (grid.alpha and not method.uses("alpha")) or (grid.beta and not method.uses("beta")):
         raise DeltatlError(f"method '{base.method}' has no alpha or beta to search "
-                           f"(l2-sp, delta-noatt and delta have; --lr-grid works with any method)")
+                           f"(l2-sp, delta-noatt and delta have; `lr_grid` works with any method)")
     if folds < 2:
-        raise DeltatlError(f"--folds must be at least 2, got {folds}")
+        raise DeltatlError(f"`folds` must be at least 2, got {folds}")
     check_output_folder(out, "search", OWN_FILES)
     for point in points:  # e.g. --lr-grid 0 is refused by TrainConfig here, not after hours of training
         fold_config(base, point, folds, 0, out)
@@ -169,7 +169,7 @@ def _with_driver(url: str) -> str:
     for module, dialect in (("psycopg", "postgresql+psycopg"), ("psycopg2", "postgresql+psycopg2")):
         if importlib.util.find_spec(module) is not None:
             return dialect + url[len("postgresql"):]
-    raise DeltatlError(f"--storage {redact(url)} needs a PostgreSQL driver: pip install 'deltatl[postgres]'")
+    raise DeltatlError(f"`storage` {redact(url)} needs a PostgreSQL driver: pip install 'deltatl[postgres]'")
 
 
 def open_storage(url: str, heartbeat_seconds: int) -> optuna.storages.RDBStorage:
@@ -194,13 +194,13 @@ def open_storage(url: str, heartbeat_seconds: int) -> optuna.storages.RDBStorage
             # Two workers creating the tables of a fresh database at once: the loser's CREATE or
             # INSERT fails; creation is idempotent, so try again (a real error fails every attempt).
             if attempt == attempts - 1:
-                raise DeltatlError(f"cannot open --storage {shown}: {_first_line(exc)}") from None
+                raise DeltatlError(f"cannot open `storage` {shown}: {_first_line(exc)}") from None
             time.sleep(0.2 + random.random())
         except ModuleNotFoundError as exc:
-            raise DeltatlError(f"--storage {shown} needs the database driver {exc.name}") from None
+            raise DeltatlError(f"`storage` {shown} needs the database driver {exc.name}") from None
         except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError, optuna.exceptions.OptunaError) as exc:
             cause = exc.__cause__ if isinstance(exc, ImportError) and exc.__cause__ else exc
-            raise DeltatlError(f"cannot open --storage {shown}: {_first_line(cause)}") from None
+            raise DeltatlError(f"cannot open `storage` {shown}: {_first_line(cause)}") from None
     raise AssertionError("unreachable")
 
 
@@ -513,7 +513,7 @@ def _check_spec(study: optuna.Study, spec: dict[str, Any], where: str) -> None:
         k for k in set(was) | set(spec["config"]) if was.get(k) != spec["config"].get(k)})
     if changed:
         raise DeltatlError(f"study '{study.study_name}' in {where} holds another search (differs in: "
-                           f"{', '.join(changed)}); choose another --study-name (or --out)")
+                           f"{', '.join(changed)}); choose another `study_name` (or `out`)")
 
 
 def markdown(results: dict[str, Any]) -> str:

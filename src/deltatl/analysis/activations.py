@@ -203,7 +203,7 @@ def activation_analysis(runs: Sequence[Run], out_dir: str, networks: Networks, s
     shapes = {name: tuple(t.shape[1:]) for name, t in sample.outputs[SOURCE].items()}
     layer = layer or default_map_layer(shapes)
     if layer not in shapes:
-        raise DeltatlError(f"--layer {layer!r} is not a tapped layer of these runs ({', '.join(shapes)})")
+        raise DeltatlError(f"`layer` {layer!r} is not a tapped layer of these runs ({', '.join(shapes)})")
     columns = [SOURCE, *networks.trained]
     maps = {name: sample.outputs[name][layer] for name in columns}
     channels = low_activation_channels(maps[SOURCE], filters)

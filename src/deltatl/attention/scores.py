@@ -131,7 +131,7 @@ def check_replaceable_scores(path: str) -> None:
         DeltatlError: ``path`` is a folder, or a file deltatl did not write.
     """
     if os.path.isdir(path):
-        raise DeltatlError(f"--output {path} is a folder; give a file name")
+        raise DeltatlError(f"`output` {path} is a folder; give a file name")
     if not os.path.exists(path):
         return
     try:
@@ -140,7 +140,7 @@ def check_replaceable_scores(path: str) -> None:
     except (OSError, ValueError, AttributeError):
         ours = False
     if not ours:
-        raise DeltatlError(f"--output {path} exists and is not a deltatl attention file; choose another name")
+        raise DeltatlError(f"`output` {path} exists and is not a deltatl attention file; choose another name")
 
 
 def read_scores(path: str | os.PathLike[str], layers: Sequence[str] | None = None,

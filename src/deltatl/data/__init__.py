@@ -83,7 +83,7 @@ def _open(data: str, data_root: str | None, check_images: bool, progress: bool) 
         return named
     if not os.path.isdir(data):
         names = ", ".join(sorted(DATASETS))
-        raise DeltatlError(f"--data '{data}' is neither a dataset name ({names}) nor an existing folder")
+        raise DeltatlError(f"`data` '{data}' is neither a dataset name ({names}) nor an existing folder")
     if not is_image_folder(data):
         raise DeltatlError(f"{data} has no train/ folder (expected {data}/{{train,test}}/<class>/<images>)")
     splits: dict[str, ImageCollection] = {"train": scan_split(data, "train")}
@@ -112,12 +112,12 @@ def load_splits(data: str, data_root: str | None = None, *, train_per_class: int
         check_images: decode every image file once and skip unreadable ones with a warning.
     """
     if train_per_class is not None and train_per_class < 1:
-        raise DeltatlError("--train-per-class must be at least 1")
+        raise DeltatlError("`train_per_class` must be at least 1")
     fixed = PROTOCOL_TRAIN_PER_CLASS.get(data)
     if fixed is not None:
         if train_per_class not in (None, fixed):
-            raise DeltatlError(f"--data {data} trains on {fixed} images per class by definition; use "
-                               f"--data {data.rsplit('-', 1)[0]} --train-per-class {train_per_class}")
+            raise DeltatlError(f"`data` {data} trains on {fixed} images per class by definition; use "
+                               f"`data` {data.rsplit('-', 1)[0]} `train_per_class` {train_per_class}")
         train_per_class = fixed
     splits = _open(data, data_root, check_images, progress)
     pool, test = splits["train"], splits["test"]

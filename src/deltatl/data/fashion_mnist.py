@@ -72,7 +72,7 @@ def find_folder(data_root: str | None) -> str:
             FashionMNIST(cache, download=True)
         except Exception as exc:  # offline: say what to install instead of a urllib traceback
             raise DeltatlError(f"Fashion-MNIST not found: install the Debian package {DEBIAN_PACKAGE}, "
-                               f"pass --data-root, or go online ({type(exc).__name__})") from None
+                               f"pass `data_root`, or go online ({type(exc).__name__})") from None
     return raw
 
 

@@ -47,7 +47,7 @@ def stratified_folds(targets: Sequence[int], k: int, seed: int,
         if count < k:
             name = class_names[label] if class_names is not None else str(label)
             raise DeltatlError(f"class '{name}' has {count} training images, fewer than the {k} folds "
-                               f"(lower --folds or raise --train-per-class)")
+                               f"(lower `folds` or raise `train_per_class`)")
     folds: list[list[int]] = [[] for _ in range(k)]
     position = 0
     for label, idx in groups.items():

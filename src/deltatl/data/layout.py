@@ -16,9 +16,9 @@ from ..errors import DeltatlError
 def need_root(data_root: str | None, title: str, holding: str) -> str:
     """``data_root``, or an error saying what ``--data-root`` must point at (no default place exists)."""
     if not data_root:
-        raise DeltatlError(f"{title} needs --data-root DIR, the folder holding {holding}")
+        raise DeltatlError(f"{title} needs `data_root` DIR, the folder holding {holding}")
     if not os.path.isdir(data_root):
-        raise DeltatlError(f"--data-root {data_root} is not a folder")
+        raise DeltatlError(f"`data_root` {data_root} is not a folder")
     return data_root
 
 

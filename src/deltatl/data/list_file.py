@@ -21,7 +21,7 @@ LAYOUT = "train.txt and test.txt with 'relative/path label' lines (optional val.
 
 def load(data_root: str | None) -> dict[str, FileImages]:
     """``{"train": ..., "test": ..., optional "val": ...}`` from the list files in ``data_root``."""
-    root = need_root(data_root, "--data list", "train.txt and test.txt")
+    root = need_root(data_root, "`data` list", "train.txt and test.txt")
     splits = ["train", "test"] + (["val"] if os.path.isfile(os.path.join(root, "val.txt")) else [])
     lists = {split: read_list(require(os.path.join(root, f"{split}.txt"), LAYOUT)) for split in splits}
     if not lists["train"][0]:

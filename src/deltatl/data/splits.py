@@ -34,7 +34,7 @@ def sample_per_class(targets: Sequence[int], counts: Sequence[int | None], seed:
         if need > len(idx):
             name = class_names[label] if class_names else str(label)
             raise DeltatlError(f"class '{name}' has {len(idx)} images, fewer than the {need} requested "
-                               f"(see --train-per-class, --val-per-class, --test-per-class)")
+                               f"(see `train_per_class`, `val_per_class`, `test_per_class`)")
         order = np.random.default_rng([seed, label]).permutation(len(idx))
         start = 0
         for k, count in enumerate(counts):

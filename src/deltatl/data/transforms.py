@@ -31,7 +31,7 @@ def resize_transform(image_size: int, pre: Preprocessing, resize: int | None = N
     ``resize`` with the ratio kept: the geometry before every crop of training and evaluation."""
     size = resize or default_resize(image_size)
     if size < image_size:
-        raise DeltatlError(f"--resize {size} is smaller than the --image-size {image_size} crop")
+        raise DeltatlError(f"`resize` {size} is smaller than the `image_size` {image_size} crop")
     interpolation = _INTERPOLATION.get(pre.interpolation, T.InterpolationMode.BILINEAR)
     return T.Resize(size if keep_aspect else (size, size), interpolation=interpolation)
 

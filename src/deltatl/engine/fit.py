@@ -241,9 +241,9 @@ class _Loop:
             raise DeltatlError("the training split is empty")
         if dist.enabled and self.n_train < batch_size * self.world:
             raise DeltatlError(f"the training split has {self.n_train} images, fewer than one global batch of "
-                               f"{self.world} processes x {batch_size}: lower --batch-size")
+                               f"{self.world} processes x {batch_size}: lower `batch_size`")
         if amp not in AMP_DTYPES:
-            raise DeltatlError(f"unknown --amp '{amp}' (choose from {', '.join(AMP_DTYPES)})")
+            raise DeltatlError(f"unknown `amp` '{amp}' (choose from {', '.join(AMP_DTYPES)})")
         self.amp_dtype, self.channels_last = AMP_DTYPES[amp], channels_last
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.drop_last = self.n_train >= batch_size
@@ -430,7 +430,7 @@ class _Loop:
             kept = (f"{self.ckpt_path} keeps epoch {epoch - 1}" if epoch > 1 and os.path.isfile(self.ckpt_path)
                     else "no checkpoint was written")
             raise DeltatlError(f"training diverged: the loss became {self.sums['loss'].item()} in epoch {epoch} "
-                               f"(by step {step}); {kept}. Lower --lr (or --alpha)")
+                               f"(by step {step}); {kept}. Lower `lr` (or `alpha`)")
         count = self.sums.pop("count")
         row.update({f"train/{k}": (v / count).item() for k, v in self.sums.items()})
         self.sums.clear()

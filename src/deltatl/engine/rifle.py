@@ -49,14 +49,14 @@ def rifle_steps(total_steps: int, times: int, steps_per_epoch: int | None = None
         DeltatlError: ``times`` is negative, or leaves a period shorter than one unit.
     """
     if times < 0:
-        raise DeltatlError("--rifle must be >= 0")
+        raise DeltatlError("`rifle` must be >= 0")
     if times == 0:
         return []
     unit = steps_per_epoch if steps_per_epoch and total_steps % steps_per_epoch == 0 else 1
     units = total_steps // unit
     period = units // (times + 1)
     if period < 1:
-        raise DeltatlError(f"--rifle {times} needs more than {times} {'epochs' if unit > 1 else 'steps'}")
+        raise DeltatlError(f"`rifle` {times} needs more than {times} {'epochs' if unit > 1 else 'steps'}")
     return [unit * period * i for i in range(1, times + 1)]
 
 
@@ -73,10 +73,10 @@ def rifle_warnings(steps: list[int], total_steps: int, decay_step: int | None) -
     if decay_step is not None and last >= decay_step:
         notes.append(f"RIFLE re-initialises the head at step {last}, after the learning rate was divided "
                      f"(step {decay_step}): the last head trains at the low rate only; RIFLE's authors used "
-                     f"a cosine schedule (--schedule cosine) and 40 epochs")
+                     f"a cosine schedule (`schedule` cosine) and 40 epochs")
     if total_steps - last < 0.1 * total_steps:
         notes.append(f"RIFLE's last head trains {total_steps - last} of {total_steps} steps (under 10 %): "
-                     f"lower --rifle or train longer")
+                     f"lower `rifle` or train longer")
     return notes
 
 

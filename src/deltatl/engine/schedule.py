@@ -35,7 +35,7 @@ class CyclicLRScheduler(Scheduler):
         if shape not in CYCLIC:
             raise DeltatlError(f"unknown cyclic schedule '{shape}' (choose from {', '.join(CYCLIC)})")
         if not 1 <= cycles <= total_steps:
-            raise DeltatlError(f"--lr-cycles {cycles} must be between 1 and the {total_steps} training steps")
+            raise DeltatlError(f"`lr_cycles` {cycles} must be between 1 and the {total_steps} training steps")
         self.shape, self.total_steps, self.cycles, self.min_factor = shape, total_steps, cycles, min_factor
         super().__init__(optimizer, param_group_field="lr", t_in_epochs=False)
 

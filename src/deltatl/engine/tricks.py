@@ -81,9 +81,9 @@ def install_head_regularization(model: nn.Module, head_name: str, *, dropout: fl
     old = model.get_submodule(head_name)
     if not isinstance(old, nn.Linear):
         raise DeltatlError(f"{head_name} is not a linear layer, cannot add Dropout / DropConnect to it")
-    for name, p in (("head-dropout", dropout), ("head-dropconnect", dropconnect)):
+    for name, p in (("head_dropout", dropout), ("head_dropconnect", dropconnect)):
         if not 0 <= p < 1:
-            raise DeltatlError(f"--{name} must be in [0, 1)")
+            raise DeltatlError(f"`{name}` must be in [0, 1)")
     if not dropout and not dropconnect:
         return old
     new = StochasticLinear(old.in_features, old.out_features, old.bias is not None, dropout=dropout,
@@ -105,7 +105,7 @@ def _drop_path_modules(model: nn.Module) -> list[nn.Module]:
 def check_stochastic_depth(model: nn.Module, model_name: str, rate: float) -> None:
     """Fail if ``--drop-path-rate rate`` left ``model`` without any stochastic residual branch."""
     if rate and not any(m.drop_prob > 0 for m in _drop_path_modules(model)):
-        raise DeltatlError(f"--drop-path-rate: model '{model_name}' has no residual branches to drop "
+        raise DeltatlError(f"`drop_path_rate`: model '{model_name}' has no residual branches to drop "
                            f"(timm's drop_path_rate is ignored by this architecture)")
 
 
@@ -150,7 +150,7 @@ class DisturbLabel(StepHook):
 
     def __post_init__(self) -> None:
         if not 0 <= self.p <= 1:
-            raise DeltatlError("--disturb-label must be in [0, 1]")
+            raise DeltatlError("`disturb_label` must be in [0, 1]")
         if self.num_classes < 1:
             raise DeltatlError("DisturbLabel needs at least one class")
 
