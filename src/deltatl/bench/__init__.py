@@ -1,4 +1,4 @@
-"""``deltatl bench``: the benchmark suite (issue 6). One command, JSON lines on stdout.
+"""``deltatl bench``: the benchmark suite. One command, JSON lines on stdout.
 
 Sections (``--only``, comma-separated; default all, in this order):
 

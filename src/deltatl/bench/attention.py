@@ -1,4 +1,4 @@
-"""Channel-attention section of ``deltatl bench`` (issue 3): the exact batched path and the
+"""Channel-attention section of ``deltatl bench``: the exact batched path and the
 first-order approximation of :func:`deltatl.attention.channel_attention_scores` against the naive
 one-forward-per-channel loop, on ``--model`` (default: the embedded EfficientNet-Lite0).
 
