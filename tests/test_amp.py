@@ -112,8 +112,8 @@ def weights(run) -> dict[str, torch.Tensor]:
 
 def test_a_channels_last_run_ends_with_the_weights_of_a_contiguous_run(cli, image_folder, tmp_path):
     data = image_folder()
-    assert train(cli, data, tmp_path / "a").code == 0
-    assert train(cli, data, tmp_path / "b", "--channels-last").code == 0
+    assert train(cli, data, tmp_path / "a", "--no-channels-last").code == 0
+    assert train(cli, data, tmp_path / "b").code == 0  # the default on the CPU: channels-last
     plain, last = weights(tmp_path / "a"), weights(tmp_path / "b")
     assert list(plain) == list(last)
     for key in plain:
@@ -161,3 +161,11 @@ def test_the_hot_loop_reads_no_tensor_on_the_host_between_logging_steps(tmp_path
         monkeypatch.setattr(torch.Tensor, "item", item)
         counts.append(calls[0])
     assert counts[0] == counts[1]
+
+
+def test_channels_last_is_on_by_default_on_cpu_and_cuda_off_on_mps_and_a_flag_wins():
+    from deltatl.run import use_channels_last
+
+    assert use_channels_last(None, torch.device("cpu")) and use_channels_last(None, torch.device("cuda"))
+    assert not use_channels_last(None, torch.device("mps"))
+    assert not use_channels_last(False, torch.device("cpu")) and use_channels_last(True, torch.device("mps"))

@@ -111,7 +111,7 @@ class TrainConfig:
     sync_bn: bool = False
     # execution (does not change the result, apart from floating-point noise across devices)
     device: str = "auto"
-    channels_last: bool = False
+    channels_last: bool | None = None  # None: deltatl.run.use_channels_last (on for CPU and CUDA)
     compile: bool = False
     workers: int | None = None  # None: deltatl.run.data_workers (0 on the CPU, up to 8 processes on CUDA)
     eval_every: int = 1
