@@ -70,3 +70,26 @@ def test_a_converted_network_keeps_its_modules_and_state_dict_trains_on_the_cpu_
     assert torch.equal(copied.eval()(x), reference.eval()(x))
     with pytest.raises(Exception, match="in \\[0, 1\\]"):
         StochasticStatistics(1.5)
+
+
+def test_the_gradients_are_those_of_the_formula_with_the_statistics_from_before_the_update():
+    """Independent formula: per channel, (x - m) / sqrt(v + eps) * w + b with (m, v) the running statistics
+    (moving channels) or the batch's (the others, differentiated through). The running statistics are
+    updated in place by the same forward: the moving branch's backward must not see the new ones."""
+    x = torch.randn(4, 64, 5, 5, generator=torch.Generator().manual_seed(4)) * 2 + 0.3
+    g = torch.randn(4, 64, 5, 5, generator=torch.Generator().manual_seed(5))
+    bn, stoch = layers(0.5)
+    inputs = x.clone().requires_grad_(True)
+    torch.manual_seed(3)
+    (stoch.train()(inputs) * g).sum().backward()
+    torch.manual_seed(3)
+    pick = torch.rand(64) < 0.5  # the draw the layer made (one per channel, after its forward)
+    assert 0 < pick.sum() < 64
+    ref_x, weight, bias = x.clone().requires_grad_(True), bn.weight.detach().clone().requires_grad_(True), \
+        bn.bias.detach().clone().requires_grad_(True)
+    var, mean = torch.var_mean(ref_x, dim=(0, 2, 3), unbiased=False)
+    m, v = torch.where(pick, bn.running_mean, mean), torch.where(pick, bn.running_var, var)
+    out = (ref_x - m[:, None, None]) / (v[:, None, None] + bn.eps).sqrt() * weight[:, None, None] + bias[:, None, None]
+    (out * g).sum().backward()
+    for ours, ref in ((inputs.grad, ref_x.grad), (stoch.weight.grad, weight.grad), (stoch.bias.grad, bias.grad)):
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)

@@ -22,7 +22,7 @@ bf16 units: on CPUs without them it is several times slower than float32).
   float32 and the cross-entropy and regularizer terms are computed outside autocast, in float32 (a
   blanket autocast would run DELTA's channel weighting, a matrix product, in low precision).
 - ``channels_last``: the networks and the images in channels-last memory format (faster convolutions
-  on recent GPUs).
+  on CPUs and GPUs: BENCHMARKS.md; :func:`deltatl.run.use_channels_last` turns it on by default).
 - ``compile_model``: ``torch.compile`` the target network (before the DDP wrap; the feature hooks are
   registered before compilation and never change).
 

@@ -16,7 +16,8 @@ The layers are not replaced: two hooks give each BatchNorm layer (timm's ``Batch
 whose activation follows the normalisation inside the layer) the stochastic branch, so the network,
 its state dict and its checkpoints are those of the plain model. Because the activation is applied
 per element, choosing per channel between the two activated outputs is choosing between the two
-normalisations.
+normalisations. Both branches are computed, as in the authors' code: a single pass with per-channel
+statistics chosen before the normalisation is equal, but measured slower on the CPU (BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -40,10 +41,16 @@ class StochasticStatistics:
     def before(self, module: nn.modules.batchnorm._BatchNorm, args: tuple[Any, ...]) -> None:
         if not (module.training and module.track_running_stats and self.p > 0):
             return
-        module.train(False)  # the running statistics, from before this batch's update
+        # The moving branch normalises with the running statistics from before this batch's update, through
+        # copies: its backward reads the statistics it was computed with, and the batch branch then updates
+        # the layer's own in place (without the copies the backward silently saw the updated ones).
+        running = module.running_mean, module.running_var
+        module.train(False)
+        module.running_mean, module.running_var = running[0].clone(), running[1].clone()
         try:
             self.moving = type(module).forward(module, *args)  # the class's forward: no hooks again
         finally:
+            module.running_mean, module.running_var = running
             module.train(True)
 
     def after(self, module: nn.modules.batchnorm._BatchNorm, _args: tuple[Any, ...], output: Tensor) -> Tensor | None:
