@@ -19,7 +19,7 @@ DELTATL=${DELTATL:-.venv/bin/deltatl}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 OUT=evidence/fm30
 COMMON=(--epochs 40 --val-per-class 20 --test-per-class 300 --attention-cache evidence/attention-cache --quiet --resume
-        --no-channels-last)  # as every run before channels-last became the default: one format per table
+        --no-channels-last --no-l2sp-fused)  # as every run before these became the defaults: one computation per table
 RELATIVE=(--delta-source-bn batch --delta-reduction relative)
 SEEDS=5
 

@@ -218,3 +218,10 @@ def test_data_loading_workers_default_to_none_on_the_cpu_and_to_the_usable_cpus_
     assert data_workers(None, torch.device("cuda"), processes_per_node=24) == 1
     assert data_workers(2, torch.device("cuda")) == 2 and data_workers(0, torch.device("cuda")) == 0
     assert "workers" not in TrainConfig(workers=3).result_fields()  # execution only: runs stay reusable
+
+
+def test_settings_that_change_only_rounding_are_not_part_of_a_runs_identity():
+    plain = TrainConfig(method="l2-sp").result_fields()
+    for variant in (dict(l2sp_fused=False), dict(channels_last=False), dict(channels_last=True)):
+        assert TrainConfig(method="l2-sp", **variant).result_fields() == plain, variant
+    assert TrainConfig().l2sp_fused  # the fused L2-SP gradient is the default (BENCHMARKS.md)

@@ -102,17 +102,18 @@ def test_the_alpha_with_the_best_mean_over_folds_wins_not_the_best_single_fold(t
                str(tmp_path / "s"), folds=2, train=FakeTrainer(lambda a, f: 1.0), log=lambda msg: None)
 
 
-def test_a_study_recorded_before_a_setting_existed_still_takes_workers_while_that_setting_is_at_its_default(tmp_path):
+def test_a_study_recorded_by_another_deltatl_version_takes_workers_while_what_a_run_computes_is_the_same(tmp_path):
     import optuna
     from deltatl.search import SPEC_ATTR, STUDY_FILE
     fake_search(tmp_path / "s", FakeTrainer(lambda a, f: 1.0))
     study = optuna.load_study(study_name="deltatl-search", storage=f"sqlite:///{tmp_path / 's' / STUDY_FILE}")
     spec = study.user_attrs[SPEC_ATTR]
-    del spec["config"]["l2sp_fused"]  # as written by a deltatl without that setting
+    del spec["config"]["head_dropout"]  # as written by a deltatl without that setting
+    spec["config"]["retired_setting"] = 1  # and with one that no longer defines a run
     study.set_user_attr(SPEC_ATTR, spec)
     assert fake_search(tmp_path / "s", FakeTrainer(lambda a, f: 1.0))["chosen"] == {"alpha": 0.1}
-    base = TrainConfig(method="l2-sp", val_per_class=0, l2sp_fused=True)  # not the default: another search
-    with pytest.raises(DeltatlError, match=r"differs in: l2sp_fused\)"):
+    base = TrainConfig(method="l2-sp", val_per_class=0, head_dropout=0.5)  # not the default: another search
+    with pytest.raises(DeltatlError, match=r"differs in: head_dropout\)"):
         search(base, train_split(), Grid(alpha=(0.1, 0.01, 0.001)), str(tmp_path / "s"), folds=2,
                train=FakeTrainer(lambda a, f: 1.0), poll_seconds=0.05, log=lambda msg: None)
 

@@ -122,9 +122,9 @@ def _method_options(parser: argparse.ArgumentParser, d: TrainConfig) -> None:
         help=f"the source network's BatchNorm in DELTA's term (default {d.delta_source_bn}): its running "
              "statistics (official) or the batch's (the term is then 0 at step 0 and measures only what "
              "training changed)")
-    add("--l2sp-fused", action="store_true",
-        help="L2-SP: add its gradient alpha * (w - w*) after the backward, fused over the parameters, instead "
-             "of through autograd (the same step up to rounding)")
+    add("--l2sp-fused", action=argparse.BooleanOptionalAction,
+        help="L2-SP: add its gradient alpha * (w - w*) after the backward, fused over the parameters (default), "
+             "or through autograd (--no-l2sp-fused); the same step up to rounding, the fused one with less memory")
     add("--rifle", type=int, help="RIFLE: re-initialise the head K times, evenly spaced (default 0)")
     add("--rifle-reset-momentum", action="store_true", help="RIFLE: also clear the head's momentum")
     add("--rifle-cyclic-lr", action="store_true", help="RIFLE: restarting cosine learning rate for the head")

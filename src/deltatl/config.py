@@ -73,9 +73,10 @@ class TrainConfig:
     # at step 0); see deltatl.engine.objective.Objective. The defaults are the authors': the alternatives
     # did not beat them on the embedded default (README, "DELTA's defaults")
     delta_source_bn: str = "running"
-    # L2-SP's gradient alpha * (w - w*) added after the backward instead of through autograd (equal up to
-    # rounding; off until deltatl bench measures it on a quiet machine: BENCHMARKS.md)
-    l2sp_fused: bool = False
+    # L2-SP's gradient alpha * (w - w*) added after the backward instead of through autograd: equal up to
+    # rounding (an execution setting, like channels_last), 2 % less peak memory and never slower in
+    # deltatl bench (BENCHMARKS.md); False is the autograd term
+    l2sp_fused: bool = True
     # supervised channel attention (method delta); defaults = the official procedure
     attention_file: str | None = None  # raw scores to use instead of computing them
     attention_method: str = "exact"  # or "first_order" (activation x gradient approximation)
@@ -196,15 +197,13 @@ class TrainConfig:
     def result_fields(self) -> dict[str, Any]:
         """The fields that define what a run computes (compared when a run directory is reused): the
         execution settings and those the method does not use are left out, alpha is resolved."""
-        skip = {"device", "workers", "out", "attention_cache", "channels_last", "compile", "tensorboard"}
+        skip = {"device", "workers", "out", "attention_cache", "channels_last", "compile", "tensorboard", "l2sp_fused"}
         method = METHODS.get(self.method)
         if method is not None:
             if not method.uses("alpha"):
                 skip |= {"alpha"}
             if not method.uses("beta"):
                 skip |= {"beta"}
-            if not method.starting_point:
-                skip |= {"l2sp_fused"}
             if not method.feature_maps:
                 skip |= {f.name for f in fields(self) if f.name.startswith("delta_")}
             if not method.attention:  # LP-FT's probe is the attention's L2-FE fit: it keeps its settings

@@ -506,11 +506,12 @@ def _check_spec(study: optuna.Study, spec: dict[str, Any], where: str) -> None:
     if recorded is None:
         study.set_user_attr(SPEC_ATTR, spec)
         recorded = spec
-    # A setting added to deltatl after the study was recorded counts at its default (as for run folders).
+    # As for run folders: a setting added to deltatl after the study was recorded counts at its default,
+    # and one recorded that is no longer part of what a run computes (an execution setting) is not compared.
     defaults = json.loads(json.dumps(dataclasses.asdict(TrainConfig())))
     was = {**{k: defaults[k] for k in spec["config"] if k in defaults}, **recorded.get("config", {})}
     changed = sorted({k for k in ("folds", "grid", "fold_lists") if recorded.get(k) != spec.get(k)} | {
-        k for k in set(was) | set(spec["config"]) if was.get(k) != spec["config"].get(k)})
+        k for k in spec["config"] if was.get(k) != spec["config"][k]})
     if changed:
         raise DeltatlError(f"study '{study.study_name}' in {where} holds another search (differs in: "
                            f"{', '.join(changed)}); choose another `study_name` (or `out`)")
