@@ -515,7 +515,9 @@ def test_ctrl_c_during_start_up_is_one_line_without_traceback(tmp_path, image_fo
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "deltatl", "train", "--data", str(image_folder()),
                              *tiny_train_args, "--out", "run"], cwd=tmp_path, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            # a terminal's Ctrl-C: SIGINT not ignored, even when the suite runs as a background job
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
@@ -529,14 +531,23 @@ def test_ctrl_c_during_start_up_is_one_line_without_traceback(tmp_path, image_fo
 def test_ctrl_c_inside_a_deferred_block_is_raised_after_it_not_inside():
     from deltatl.launch import deferred_interrupt
 
-    steps = []
-    with pytest.raises(KeyboardInterrupt):
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # CI may run us with SIGINT ignored
+    try:
+        steps = []
+        with pytest.raises(KeyboardInterrupt):
+            with deferred_interrupt():
+                os.kill(os.getpid(), signal.SIGINT)  # as a C extension's init would receive it mid-import
+                time.sleep(0.05)
+                steps.append("the block ran to its end")
+        assert steps == ["the block ran to its end"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is back
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a background job: ignored stays ignored
         with deferred_interrupt():
-            os.kill(os.getpid(), signal.SIGINT)  # as a C extension's init would receive it mid-import
+            os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.05)
-            steps.append("the block ran to its end")
-    assert steps == ["the block ran to its end"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is back
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 # --- a run's weights as the starting point of another --------------------------------------------------

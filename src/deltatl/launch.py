@@ -19,8 +19,11 @@ from contextlib import contextmanager
 @contextmanager
 def deferred_interrupt() -> Iterator[None]:
     """Run the block with SIGINT recorded instead of raised; raise KeyboardInterrupt after it if one came.
-    Outside the main thread (where handlers cannot be set) the block runs unchanged."""
-    if threading.current_thread() is not threading.main_thread():
+    Only where SIGINT would raise KeyboardInterrupt: outside the main thread (where handlers cannot be
+    set), or when SIGINT is ignored (a background job, ``nohup``) or handled by someone else, the block
+    runs unchanged."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
         yield
         return
     received: list[int] = []
