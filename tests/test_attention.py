@@ -12,6 +12,7 @@ from torch import nn
 
 from deltatl.attention.scores import (FORMAT, _expansion_point, channel_attention_scores, normalize_scores,
                                read_scores, write_scores)
+from deltatl.attention.replay import call_order, plan_replay
 from deltatl.features import layer_preset
 
 torch.set_num_threads(1)
@@ -221,6 +222,48 @@ def test_exact_replicates_the_residual_block_input_when_the_shortcut_needs_it():
         loss0 = F.cross_entropy(model(images), labels).double().reshape(1)
         assert _expansion_point(model, "layer1.1.conv2", images, labels, loss0) is model.layer1[1]
         assert _expansion_point(model, "layer1.1", images, labels, loss0) is None
+
+
+@pytest.mark.parametrize("layers", [RESNET_LAYERS, ["layer2", "layer3.0.bn2"]])
+def test_exact_scores_with_one_channel_per_forward_replay_the_prefix_and_still_equal_naive(layers):
+    """Groups of one (a 1-byte replica budget): every group forward replays the part before the
+    replication point, including outputs that are modified in place later (``layer3.0.bn2``)."""
+    model = tiny_resnet()
+    batches = random_batches(2, 2)
+    exact = scores(model, layers, batches, replica_budget_bytes=1)
+    naive = scores(model, layers, batches, method="naive")
+    for name in layers:
+        torch.testing.assert_close(exact[name], naive[name], rtol=0, atol=1e-5)
+
+
+def test_a_module_called_several_times_per_forward_is_never_replayed():
+    """torchvision's ResNet calls one ReLU module three times per block: replaying it would hand its
+    first output to the later calls."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = randomize_batchnorm(torchvision.models.resnet18(num_classes=5)).eval()
+    images, _ = random_batches(1, 2)[0]
+    plan = plan_replay(call_order(model, images), "layer2.1", at_exit=False)
+    assert "layer1" in plan.modules and "layer2.0" in plan.modules and "layer2.1.relu" not in plan.modules
+    batches = random_batches(1, 2)
+    exact = scores(model, ["layer2.1.conv1"], batches, replica_budget_bytes=1)
+    naive = scores(model, ["layer2.1.conv1"], batches, method="naive")
+    torch.testing.assert_close(exact["layer2.1.conv1"], naive["layer2.1.conv1"], rtol=0, atol=1e-5)
+
+
+def test_the_part_before_the_replication_point_is_computed_once_per_batch_not_once_per_group():
+    model = tiny_resnet()
+    computed = [0]
+
+    def counting_forward(x):
+        computed[0] += 1
+        return nn.Conv2d.forward(model.conv1, x)
+
+    model.conv1.forward = counting_forward  # the stem's first convolution, before every scored layer
+    scores(model, ["layer4.1.conv2"], random_batches(1, 2), replica_budget_bytes=1)  # 64 groups of one
+    # the plain forward, the call order, the search for the replication point (up to 6), the recording
+    assert computed[0] <= 10, computed[0]
 
 
 def test_exact_scores_equal_filter_zeroing_on_tf_efficientnet_lite0_for_all_preset_layers():

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from ..errors import DeltatlError
 from ..features import FeatureHooks, _resolve_modules
 from ..outputs import atomic_open
+from .replay import CallOrder, ReplayPlan, call_order, plan_replay, replayed_prefix
 
 __all__ = ["FORMAT", "METHODS", "channel_attention_scores", "check_replaceable_scores", "normalize_scores",
            "read_scores", "write_scores"]
@@ -44,6 +45,9 @@ METHODS = ("exact", "naive", "first_order")
 # give errors of the order of the loss; the slack covers cuDNN/TF32 results that depend on the
 # batch size.
 _CHECK_RTOL, _CHECK_ATOL = 1e-2, 1e-3
+# The exact path's group size cap: glibc serves allocations above its mmap threshold (at most 32 MiB)
+# with fresh pages that the kernel faults in and zeroes on every use (BENCHMARKS.md, "Channel attention").
+REPLICA_BUDGET_BYTES = 32 * 2**20
 
 
 def normalize_scores(raw: Mapping[str, Tensor | Sequence[float]], temperature: float = 5.0) -> dict[str, Tensor]:
@@ -362,12 +366,24 @@ def _forward_with_hook(model: nn.Module, module: nn.Module, images: Tensor, chan
         handle.remove()
 
 
-def _exact_diffs(model: nn.Module, module: nn.Module, expand_at: nn.Module | None, images: Tensor,
-                 labels: Tensor, loss0: Tensor, num_channels: int, masks_per_forward: int) -> Tensor:
+def _group_size(plan: ReplayPlan, batch: int, masks_per_forward: int, budget_bytes: int | None) -> int:
+    """Channels per replicated forward: ``masks_per_forward``, lowered so that the largest replicated
+    activation stays within ``budget_bytes`` when the part before the replication point is replayed
+    (then small groups cost no recomputation, and large activations cost page faults and cache misses:
+    BENCHMARKS.md, "Channel attention")."""
+    if budget_bytes is None or not plan.skips_prefix or plan.suffix_sample_numel == 0:
+        return masks_per_forward
+    per_replica = plan.suffix_sample_numel * batch * 4  # float32
+    return max(1, min(masks_per_forward, budget_bytes // per_replica))
+
+
+def _exact_diffs(model: nn.Module, module: nn.Module, expand_at: nn.Module | None, plan: ReplayPlan,
+                 images: Tensor, labels: Tensor, loss0: Tensor, num_channels: int, group: int) -> Tensor:
     diffs = []
-    for start in range(0, num_channels, masks_per_forward):
-        channels = list(range(start, min(start + masks_per_forward, num_channels)))
-        diffs.append(_replica_losses(model, module, expand_at, images, labels, channels) - loss0)
+    with replayed_prefix(model, plan, images):
+        for start in range(0, num_channels, group):
+            channels = list(range(start, min(start + group, num_channels)))
+            diffs.append(_replica_losses(model, module, expand_at, images, labels, channels) - loss0)
     return torch.cat(diffs)
 
 
@@ -397,7 +413,8 @@ def _first_order_diffs(model: nn.Module, hooks: FeatureHooks, images: Tensor, la
 
 def channel_attention_scores(model: nn.Module, layers: Sequence[str], batches: Iterable[tuple[Tensor, Tensor]],
                              method: str = "exact", masks_per_forward: int = 64,
-                             progress: bool = True) -> dict[str, Tensor]:
+                             progress: bool = True, replica_budget_bytes: int | None = REPLICA_BUDGET_BYTES,
+                             ) -> dict[str, Tensor]:
     r"""Raw DELTA channel scores :math:`d_{l,j}`: the loss increase when channel j of layer l is zeroed.
 
     For every batch, :math:`d_{l,j} = \mathrm{CE}(\text{channel } j \text{ of } l \text{ zeroed}) -
@@ -418,7 +435,10 @@ def channel_attention_scores(model: nn.Module, layers: Sequence[str], batches: I
       of the smallest enclosing module for which it reproduces plain forwards (``layer1.2`` for
       ``layer1.2.conv3``: the residual shortcut must be replicated too), else at the model input;
       this is found once per layer on the first batch, with a check against a plain and a naive
-      forward. Peak memory: a forward on ``masks_per_forward * B`` samples from that point on.
+      forward. What comes before that point is computed once per batch and replayed
+      (:mod:`deltatl.attention.replay`), so each group costs only the rest of the network; groups are
+      capped so that the largest replicated activation stays within ``replica_budget_bytes``. Peak
+      memory: a forward on (group size x B) samples from that point on.
     - ``"first_order"``: one forward and backward per batch for all layers at once, with the
       first-order Taylor estimate :math:`d_{l,j} \approx -\sum_{b,h,w} A_{b,j,h,w}\,
       \partial L / \partial A_{b,j,h,w}` (activation times gradient). An approximation: zeroing a
@@ -430,7 +450,9 @@ def channel_attention_scores(model: nn.Module, layers: Sequence[str], batches: I
         layers: module names whose output channels are scored.
         batches: ``(images, labels)`` pairs, moved to the model's device.
         method: ``"exact"``, ``"naive"`` or ``"first_order"``.
-        masks_per_forward: channels per batched forward (``"exact"`` only).
+        masks_per_forward: at most this many channels per batched forward (``"exact"`` only).
+        replica_budget_bytes: largest replicated activation a group may reach (``"exact"``; None: no
+            cap, groups of ``masks_per_forward``).
         progress: show a progress bar over batches x layers.
 
     Returns:
@@ -448,7 +470,8 @@ def channel_attention_scores(model: nn.Module, layers: Sequence[str], batches: I
     total = len(batches) * len(layers) if isinstance(batches, Sized) else None
     modes = {m: m.training for m in model.modules()}
     sums: dict[str, Tensor] = {}
-    expand_at: dict[tuple[str, bool], nn.Module | None] = {}
+    expand_at: dict[tuple[str, bool], tuple[nn.Module | None, ReplayPlan]] = {}
+    order: CallOrder | None = None
     num_batches = 0
     bar = tqdm(total=total, disable=not progress, desc=f"channel attention ({method})", unit="layer")
     # Only the gradient method needs the activations themselves; on the masked forwards these hooks
@@ -475,9 +498,16 @@ def channel_attention_scores(model: nn.Module, layers: Sequence[str], batches: I
                             # with B = 1 may not work for B > 1: plan the two cases separately.
                             key = (name, images.shape[0] == 1)
                             if key not in expand_at:
-                                expand_at[key] = _expansion_point(model, name, images, labels, loss0)
-                            diffs[name] = _exact_diffs(model, modules[name], expand_at[key], images, labels,
-                                                       loss0, shapes[name][1], masks_per_forward)
+                                point = _expansion_point(model, name, images, labels, loss0)
+                                order = order or call_order(model, images)
+                                names = {id(m): n for n, m in model.named_modules()}
+                                plan = (plan_replay(order, name, at_exit=True) if point is None
+                                        else plan_replay(order, names[id(point)], at_exit=False))
+                                expand_at[key] = point, plan
+                            point, plan = expand_at[key]
+                            group = _group_size(plan, images.shape[0], masks_per_forward, replica_budget_bytes)
+                            diffs[name] = _exact_diffs(model, modules[name], point, plan, images, labels, loss0,
+                                                       shapes[name][1], group)
                         bar.update(1)
             for name in layers:
                 sums[name] = sums[name] + diffs[name] if name in sums else diffs[name]
