@@ -77,5 +77,9 @@ def test_lp_ft_plus_delta_scores_attention_on_the_fresh_head_as_plain_delta_does
                      "--out", tmp_path / method)
         assert result.code == 0, result.err
     assert (tmp_path / "delta" / "attention.json").read_text() == (tmp_path / "lp-ft+delta" / "attention.json").read_text()
-    probe = torch.load(tmp_path / "lp-ft+delta" / "linear_probe" / "checkpoint.pt", weights_only=True)
-    assert probe["done"]
+    # one L2-FE fit serves as LP-FT's probe and as the attention's model: no second fit
+    run = tmp_path / "lp-ft+delta"
+    assert not (run / "linear_probe").exists()
+    fits = list((run / "attention_fe").iterdir())
+    assert len(fits) == 1 and torch.load(fits[0] / "checkpoint.pt", weights_only=True)["done"]
+    assert len((fits[0] / "metrics.jsonl").read_text().splitlines()) == 1  # one epoch, trained once

@@ -330,6 +330,21 @@ def weights_identity(config: TrainConfig) -> dict[str, Any]:
     return {"weights": source}
 
 
+def attention_key_fields(config: TrainConfig, layers: list[str]) -> dict[str, Any]:
+    """Everything the raw attention scores depend on, apart from the training images."""
+    fields = {"model": config.model, **weights_identity(config), "head_init": config.head_init,
+              "layers": layers, "image_size": config.image_size, "resize": config.resize, "seed": config.seed,
+              **config.attention_settings().key_fields()}
+    # Settings added later enter the key only when set, so that existing cache entries stay valid.
+    fields.update({k: v for k, v in (("keep_aspect", config.keep_aspect), ("aux_head", config.aux_weight > 0)) if v})
+    return fields
+
+
+def attention_fit_dir(run_dir: str, key: str) -> str:
+    """Where the attention's L2-FE fit works (resumable; LP-FT with DELTA's attention shares it)."""
+    return os.path.join(run_dir, "attention_fe", key)
+
+
 def channel_attention_scores_for(config: TrainConfig, model: torch.nn.Module, layers: list[str],
                                  train_set: TransformedImages, run_dir: str, device: torch.device,
                                  progress: bool) -> dict[str, torch.Tensor]:
@@ -341,17 +356,12 @@ def channel_attention_scores_for(config: TrainConfig, model: torch.nn.Module, la
         except (OSError, ValueError) as exc:
             raise DeltatlError(f"`attention_file`: {exc}") from None
     settings = config.attention_settings()
-    fields = {"model": config.model, **weights_identity(config), "head_init": config.head_init,
-              "layers": layers, "image_size": config.image_size, "resize": config.resize, "seed": config.seed,
-              **settings.key_fields()}
-    # Settings added later enter the key only when set, so that existing cache entries stay valid.
-    fields.update({k: v for k, v in (("keep_aspect", config.keep_aspect), ("aux_head", config.aux_weight > 0)) if v})
-
+    fields = attention_key_fields(config, layers)
     key = cache_key(fields, train_set.images)
 
     def compute() -> dict[str, torch.Tensor]:
         return estimate_channel_attention(
-            model, layers, train_set, work_dir=os.path.join(run_dir, "attention_fe", key), device=device,
+            model, layers, train_set, work_dir=attention_fit_dir(run_dir, key), device=device,
             seed=config.seed, settings=settings, num_workers=config.workers, progress=progress)
 
     # The attention is the source network's, not a regularized fine-tuning's: no comparison tricks.
@@ -366,12 +376,19 @@ def probe_head(config: TrainConfig, model: torch.nn.Module, train_set: Transform
     adapted when the probe's were); :func:`build_objective` puts its head on ``model``, after the channel
     attention (which scores the pretrained network with a fresh head, as its cache key assumes).
 
-    The probe is the L2-FE fit of the channel attention (its ``--attention-*`` settings), on a copy of
+    The probe is the L2-FE fit of the channel attention (its ``attention_*`` settings), on a copy of
     the model (whose backbone, BatchNorm statistics included, stays the pretrained one), run by rank 0
-    in ``run_dir/linear_probe`` (resumable; reused once finished) and sent to every process.
+    in ``run_dir/linear_probe`` (resumable; reused once finished) and sent to every process. When the
+    method also scores DELTA's attention (``lp-ft+delta``) the two are one fit: the probe works in the
+    attention's folder, where the attention then finds it finished.
     """
+    work_dir = os.path.join(run_dir, "linear_probe")
+    if get_method(config.method).attention and not config.attention_file:
+        layers = delta_layers(config, model)
+        work_dir = attention_fit_dir(run_dir, cache_key(attention_key_fields(config, layers), train_set.images))
+
     def probe() -> dict[str, torch.Tensor]:
-        fitted = fit_linear_probe(model, train_set, work_dir=os.path.join(run_dir, "linear_probe"), device=device,
+        fitted = fit_linear_probe(model, train_set, work_dir=work_dir, device=device,
                                   seed=config.seed, epochs=config.attention_epochs, lr=config.attention_lr,
                                   batch_size=config.attention_batch_size, bn_train=config.attention_bn_train,
                                   num_workers=config.workers, progress=progress)
