@@ -367,3 +367,34 @@ def test_bad_arguments_raise():
         scores(model, ["layer9"], batches)
     with pytest.raises(ValueError, match="no batches"):
         scores(model, RESNET_LAYERS, [])
+
+
+def test_a_replay_that_does_not_reproduce_the_plain_forward_is_not_used():
+    """A model that changes one module's output in place through another's view: replayed copies would
+    break that link, so the check against the plain forward turns the replay off (still exact)."""
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x, shortcut):
+            return self.conv(x) + shortcut
+
+    class Aliasing(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem, self.view, self.block = nn.Conv2d(3, 4, 3, padding=1), nn.Identity(), Residual()
+            self.head = nn.Linear(4, 5)
+
+        def forward(self, x):
+            shortcut = self.stem(x)
+            alias = self.view(shortcut)  # the same tensor
+            alias.mul_(2)  # so the shortcut is doubled too
+            return self.head(self.block(alias, shortcut).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Aliasing().eval()
+    batches = random_batches(1, 2, size=8)
+    exact = scores(model, ["block.conv"], batches, replica_budget_bytes=1)
+    naive = scores(model, ["block.conv"], batches, method="naive")
+    torch.testing.assert_close(exact["block.conv"], naive["block.conv"], rtol=0, atol=1e-5)

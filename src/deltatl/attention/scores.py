@@ -19,6 +19,7 @@ temperature can change without recomputing), in deltatl's JSON format or the off
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -366,6 +367,23 @@ def _forward_with_hook(model: nn.Module, module: nn.Module, images: Tensor, chan
         handle.remove()
 
 
+def _checked_replay(model: nn.Module, layer: str, point: nn.Module | None, order: CallOrder, images: Tensor,
+                    labels: Tensor, loss0: Tensor) -> ReplayPlan:
+    """The replay plan for ``layer`` replicated at ``point``, if a replayed forward with nothing zeroed
+    reproduces the plain one; else a plan that replays nothing. (A replayed output is a copy: a model
+    that later changes one module's output in place through a view of another's would differ.)"""
+    names = {id(m): n for n, m in model.named_modules()}
+    plan = (plan_replay(order, layer, at_exit=True) if point is None
+            else plan_replay(order, names[id(point)], at_exit=False))
+    if not plan.modules:
+        return plan
+    with replayed_prefix(model, plan, images):
+        replayed = _replica_losses(model, model.get_submodule(layer), point, images, labels, [None])
+    if torch.allclose(replayed, loss0, rtol=_CHECK_RTOL, atol=_CHECK_ATOL):
+        return plan
+    return dataclasses.replace(plan, modules=(), skips_prefix=False)
+
+
 def _group_size(plan: ReplayPlan, batch: int, masks_per_forward: int, budget_bytes: int | None) -> int:
     """Channels per replicated forward: ``masks_per_forward``, lowered so that the largest replicated
     activation stays within ``budget_bytes`` when the part before the replication point is replayed
@@ -500,9 +518,7 @@ def channel_attention_scores(model: nn.Module, layers: Sequence[str], batches: I
                             if key not in expand_at:
                                 point = _expansion_point(model, name, images, labels, loss0)
                                 order = order or call_order(model, images)
-                                names = {id(m): n for n, m in model.named_modules()}
-                                plan = (plan_replay(order, name, at_exit=True) if point is None
-                                        else plan_replay(order, names[id(point)], at_exit=False))
+                                plan = _checked_replay(model, name, point, order, images, labels, loss0)
                                 expand_at[key] = point, plan
                             point, plan = expand_at[key]
                             group = _group_size(plan, images.shape[0], masks_per_forward, replica_budget_bytes)
