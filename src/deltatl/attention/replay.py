@@ -11,7 +11,10 @@ Which modules may answer from a recording (:func:`plan_replay`): those that run 
 and finish before the point, taking the outermost of them (``blocks.3`` rather than its layers). A
 module called several times in a forward (torchvision's ResNet calls one ReLU module three times per
 block) is never replaced, since a later call would get the early output. Replayed outputs are copies,
-so an in-place operation later in the forward (``out += identity``) cannot change the recording.
+so an in-place operation later in the forward (``out += identity``) cannot change the recording; a
+model that changes one module's output in place through another module's view would see the copies
+diverge, so callers check one replayed forward against a plain one (:mod:`deltatl.attention.scores`
+does, once per layer, and replays nothing where it differs).
 """
 from __future__ import annotations
 
