@@ -18,7 +18,7 @@ does, once per layer, and replays nothing where it differs).
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -44,13 +44,13 @@ def call_order(model: nn.Module, images: Tensor) -> CallOrder:
     numel: dict[str, int] = {}
     batch = images.shape[0]
 
-    def before(name: str):
+    def before(name: str) -> Callable[[nn.Module, Any], None]:
         def hook(_module: nn.Module, _args: Any) -> None:
             counter[0] += 1
             open_calls.setdefault(name, []).append(counter[0])
         return hook
 
-    def after(name: str):
+    def after(name: str) -> Callable[[nn.Module, Any, Any], None]:
         def hook(_module: nn.Module, _args: Any, output: Any) -> None:
             counter[0] += 1
             calls.setdefault(name, []).append((open_calls[name].pop(), counter[0]))
@@ -131,7 +131,7 @@ def replayed_prefix(model: nn.Module, plan: ReplayPlan, images: Tensor) -> Itera
     modules = dict(model.named_modules())
     recorded: dict[str, Any] = {}
 
-    def record(name: str):
+    def record(name: str) -> Callable[[nn.Module, Any, Any], None]:
         def hook(_module: nn.Module, _args: Any, output: Any) -> None:
             recorded[name] = _copy(output)
         return hook
