@@ -231,3 +231,13 @@ def test_a_rifle_spec_of_a_baseline_method_is_paired_with_it_once():
     rows = paired_differences({"l2": [80.0, 81.0], "l2+rifle1": [80.5, 82.0]})
     assert [(r["method"], r["minus"]) for r in rows] == [("l2+rifle1", "l2")]
     assert rows[0]["diff_mean"] == pytest.approx(0.75)
+
+
+def test_runs_with_rifles_switches_get_their_own_folder_and_share_the_baselines():
+    from deltatl.compare import settings_tag
+
+    assert settings_tag(TrainConfig(method="l2", rifle=3)) == ""  # the folders of earlier runs stay put
+    assert settings_tag(TrainConfig(method="l2", rifle=3, rifle_cyclic_lr=True)) == "rifle-cyclic-lr"
+    assert settings_tag(TrainConfig(method="delta", rifle=3, rifle_reset_momentum=True)) == \
+        "source-bn-running_reduction-sum_rifle-reset-momentum"
+    assert settings_tag(TrainConfig(method="l2", rifle_cyclic_lr=True)) == ""  # no RIFLE: the plain l2 run

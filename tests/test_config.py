@@ -225,3 +225,10 @@ def test_settings_that_change_only_rounding_are_not_part_of_a_runs_identity():
     for variant in (dict(l2sp_fused=False), dict(channels_last=False), dict(channels_last=True)):
         assert TrainConfig(method="l2-sp", **variant).result_fields() == plain, variant
     assert TrainConfig().l2sp_fused  # the fused L2-SP gradient is the default (BENCHMARKS.md)
+
+
+def test_rifles_switches_are_not_part_of_a_run_without_rifle():
+    assert TrainConfig(method="delta", rifle_cyclic_lr=True, rifle_reset_momentum=True).result_fields() == \
+        TrainConfig(method="delta").result_fields()
+    assert TrainConfig(method="delta", rifle=3, rifle_cyclic_lr=True).result_fields() != \
+        TrainConfig(method="delta", rifle=3).result_fields()

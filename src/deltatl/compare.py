@@ -38,10 +38,15 @@ def parse_spec(spec: str) -> tuple[str, int]:
 def settings_tag(config: TrainConfig) -> str:
     """``"source-bn-running_reduction-sum"``: the folder of DELTA runs names their term's settings (and
     stays the same when the defaults change), so runs of both settings share one comparison folder and
-    its baseline runs; "" for methods without DELTA's term."""
-    if not get_method(config.method).feature_maps:
-        return ""
-    return f"source-bn-{config.delta_source_bn}_reduction-{config.delta_reduction}"
+    its baseline runs; likewise RIFLE's switches (``rifle-cyclic-lr``, ``rifle-reset-momentum``) when
+    set on a run that re-initialises; "" when none applies."""
+    parts = []
+    if get_method(config.method).feature_maps:
+        parts.append(f"source-bn-{config.delta_source_bn}_reduction-{config.delta_reduction}")
+    if config.rifle:
+        parts += [name for name, on in (("rifle-cyclic-lr", config.rifle_cyclic_lr),
+                                        ("rifle-reset-momentum", config.rifle_reset_momentum)) if on]
+    return "_".join(parts)
 
 
 def _is_spec(name: str) -> bool:

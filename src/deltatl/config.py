@@ -198,6 +198,8 @@ class TrainConfig:
         """The fields that define what a run computes (compared when a run directory is reused): the
         execution settings and those the method does not use are left out, alpha is resolved."""
         skip = {"device", "workers", "out", "attention_cache", "channels_last", "compile", "tensorboard", "l2sp_fused"}
+        if not self.rifle:  # RIFLE's switches do nothing without re-initialisations
+            skip |= {"rifle_reset_momentum", "rifle_cyclic_lr"}
         method = METHODS.get(self.method)
         if method is not None:
             if not method.uses("alpha"):
