@@ -429,6 +429,45 @@ def _first_order_diffs(model: nn.Module, hooks: FeatureHooks, images: Tensor, la
     return diffs
 
 
+class _ExactPlanner:
+    """Where the exact path replicates each layer's batch and what it replays, found once per layer on
+    the first batch. A batch of one broadcasts against its replicas, so a point found with B = 1 may not
+    work for B > 1: the two cases are planned separately."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.order: CallOrder | None = None
+        self.plans: dict[tuple[str, bool], tuple[nn.Module | None, ReplayPlan]] = {}
+
+    def plan(self, layer: str, images: Tensor, labels: Tensor, loss0: Tensor) -> tuple[nn.Module | None, ReplayPlan]:
+        key = (layer, images.shape[0] == 1)
+        if key not in self.plans:
+            point = _expansion_point(self.model, layer, images, labels, loss0)
+            self.order = self.order or call_order(self.model, images)
+            self.plans[key] = point, _checked_replay(self.model, layer, point, self.order, images, labels, loss0)
+        return self.plans[key]
+
+
+def _zeroing_diffs(model: nn.Module, modules: Mapping[str, nn.Module], layers: Sequence[str], images: Tensor,
+                   labels: Tensor, method: str, planner: _ExactPlanner, masks_per_forward: int,
+                   replica_budget_bytes: int | None, bar: tqdm) -> dict[str, Tensor]:
+    """One batch's loss increases of every channel of ``layers``, by zeroing (``"naive"`` or ``"exact"``)."""
+    diffs = {}
+    with torch.no_grad():
+        logits, shapes = _plain_forward(model, modules, images)
+        loss0 = _batch_loss(logits, labels)
+        for name in layers:
+            if method == "naive":
+                diffs[name] = _naive_diffs(model, modules[name], images, labels, loss0, shapes[name][1])
+            else:
+                point, plan = planner.plan(name, images, labels, loss0)
+                group = _group_size(plan, images.shape[0], masks_per_forward, replica_budget_bytes)
+                diffs[name] = _exact_diffs(model, modules[name], point, plan, images, labels, loss0,
+                                           shapes[name][1], group)
+            bar.update(1)
+    return diffs
+
+
 def channel_attention_scores(model: nn.Module, layers: Sequence[str], batches: Iterable[tuple[Tensor, Tensor]],
                              method: str = "exact", masks_per_forward: int = 64,
                              progress: bool = True, replica_budget_bytes: int | None = REPLICA_BUDGET_BYTES,
@@ -488,8 +527,7 @@ def channel_attention_scores(model: nn.Module, layers: Sequence[str], batches: I
     total = len(batches) * len(layers) if isinstance(batches, Sized) else None
     modes = {m: m.training for m in model.modules()}
     sums: dict[str, Tensor] = {}
-    expand_at: dict[tuple[str, bool], tuple[nn.Module | None, ReplayPlan]] = {}
-    order: CallOrder | None = None
+    planner = _ExactPlanner(model)
     num_batches = 0
     bar = tqdm(total=total, disable=not progress, desc=f"channel attention ({method})", unit="layer")
     # Only the gradient method needs the activations themselves; on the masked forwards these hooks
@@ -503,28 +541,8 @@ def channel_attention_scores(model: nn.Module, layers: Sequence[str], batches: I
                 diffs = _first_order_diffs(model, gradient_hooks, images, labels)
                 bar.update(len(layers))
             else:
-                diffs = {}
-                with torch.no_grad():
-                    logits, shapes = _plain_forward(model, modules, images)
-                    loss0 = _batch_loss(logits, labels)
-                    for name in layers:
-                        if method == "naive":
-                            diffs[name] = _naive_diffs(model, modules[name], images, labels, loss0,
-                                                       shapes[name][1])
-                        else:
-                            # A batch of one broadcasts against its replicas, so a point found
-                            # with B = 1 may not work for B > 1: plan the two cases separately.
-                            key = (name, images.shape[0] == 1)
-                            if key not in expand_at:
-                                point = _expansion_point(model, name, images, labels, loss0)
-                                order = order or call_order(model, images)
-                                plan = _checked_replay(model, name, point, order, images, labels, loss0)
-                                expand_at[key] = point, plan
-                            point, plan = expand_at[key]
-                            group = _group_size(plan, images.shape[0], masks_per_forward, replica_budget_bytes)
-                            diffs[name] = _exact_diffs(model, modules[name], point, plan, images, labels, loss0,
-                                                       shapes[name][1], group)
-                        bar.update(1)
+                diffs = _zeroing_diffs(model, modules, layers, images, labels, method, planner,
+                                       masks_per_forward, replica_budget_bytes, bar)
             for name in layers:
                 sums[name] = sums[name] + diffs[name] if name in sums else diffs[name]
             num_batches += 1
