@@ -165,7 +165,7 @@ def test_the_saved_config_reads_back_as_the_same_config(tmp_path):
     ({"method": "l2-fe"}, None),
     ({"method": "l2-sp"}, OFFICIAL_ALPHA),  # the authors'
     ({"method": "delta"}, EMBEDDED_DELTA_ALPHA),  # the official term, calibrated for the embedded model
-    ({"method": "delta-noatt"}, EMBEDDED_DELTA_ALPHA),
+    ({"method": "delta-noatt"}, OFFICIAL_ALPHA),  # its cross-validation chose the authors' value
     ({"method": "delta", "model": "resnet50"}, OFFICIAL_ALPHA),  # any other model: the authors'
     ({"method": "delta", "delta_reduction": "mean"}, OFFICIAL_ALPHA),
     ({"method": "delta", "delta_reduction": "relative"}, RELATIVE_ALPHA),  # the relative term's own scale
@@ -190,7 +190,7 @@ def test_result_fields_hold_only_the_settings_the_method_uses_with_alpha_resolve
     assert not {"alpha", "beta"} & set(plain)
     assert not [k for k in plain if k.startswith(("delta_", "attention_"))]
     noatt = TrainConfig(method="delta-noatt").result_fields()
-    assert noatt["alpha"] == EMBEDDED_DELTA_ALPHA and noatt["delta_source_bn"] == "running"
+    assert noatt["alpha"] == OFFICIAL_ALPHA and noatt["delta_source_bn"] == "running"
     assert not [k for k in noatt if k.startswith("attention_")]
     assert "attention_temperature" in TrainConfig(method="delta").result_fields()
     # so a run of l2 is the same run whatever DELTA's settings were on the command line

@@ -108,7 +108,7 @@ def _method_options(parser: argparse.ArgumentParser, d: TrainConfig) -> None:
     add = _group(parser, "method")
     add("--method", help=f"{', '.join(METHODS)} (default {d.method})")
     add("--alpha", type=float, help=f"weight of the L2-SP / DELTA term (default: the authors' {OFFICIAL_ALPHA:g}; "
-                                    f"DELTA on the embedded model {EMBEDDED_DELTA_ALPHA:g}, with the relative "
+                                    f"DELTA (with attention) on the embedded model {EMBEDDED_DELTA_ALPHA:g}, with the relative "
                                     f"term {RELATIVE_ALPHA:g}: see README; a run prints which applies)")
     add("--beta", type=float, help=f"weight of the head's L2 term for l2-sp / delta* (default {d.beta})")
     add("--delta-layers", help="comma-separated module names whose feature maps DELTA regularizes "

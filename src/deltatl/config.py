@@ -221,8 +221,9 @@ class TrainConfig:
 # alpha when --alpha is not given: the authors' 0.01 (ResNet-101, 224 px, batch 64), except where deltatl
 # measured a better one. The official summed term's scale depends on the model, the image size and the
 # batch size, so its calibration holds for the embedded default (EfficientNet-Lite0, 96 px, batch 32):
-# chosen on the validation split at the paper's budget (README, "DELTA's defaults"; evidence/fm30.sh
-# re-chooses both by 5-fold cross-validation). The "relative" term has a scale of its own.
+# 5-fold cross-validation at the paper's budget (README, "DELTA's defaults"; evidence/fm30.sh, stage
+# search-delta) chose 0.001 for DELTA and the authors' 0.01 for delta-noatt. The "relative" term has a
+# scale of its own.
 OFFICIAL_ALPHA = 0.01
 EMBEDDED_DELTA_ALPHA = 0.001
 RELATIVE_ALPHA = 0.01
@@ -234,9 +235,9 @@ def default_alpha(method: str, reduction: str, model: str = EMBEDDED_MODEL) -> t
         if reduction == "relative":
             return RELATIVE_ALPHA, ("deltatl's default for --delta-reduction relative, chosen on the embedded "
                                     "default's validation split (README)")
-        if reduction == "sum" and model == EMBEDDED_MODEL:
+        if reduction == "sum" and model == EMBEDDED_MODEL and get_method(method).attention:
             return EMBEDDED_DELTA_ALPHA, ("deltatl's calibration of the official term for the embedded "
-                                          "EfficientNet-Lite0 at batch 32, chosen on its validation split (README)")
+                                          "EfficientNet-Lite0 at batch 32, chosen by 5-fold cross-validation (README)")
     own = get_method(method).default_alpha
     if own is not None:
         return own, f"the default of {method}'s authors"
