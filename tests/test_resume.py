@@ -13,6 +13,7 @@ import pytest
 import timm
 import torch
 
+from deltatl.data import TransformedImages
 from deltatl.engine.objective import Objective
 
 # 18 training images (6 of the 24 are held out for validation) in batches of 4: 4 steps per epoch.
@@ -131,6 +132,42 @@ def test_an_interruption_on_the_last_step_of_an_epoch_still_logs_and_validates_t
     resumed = train(data, run, "--method", "l2-sp", "--resume")
     assert resumed.code == 0, resumed.err
     assert [r.get("epoch") for r in metric_rows(run)] == list(range(1, EPOCHS + 1))
+    assert_same_result(run, reference)
+
+
+def test_with_data_loading_workers_kept_across_epochs_a_resumed_run_equals_the_run_without_workers(
+        train, image_folder, tmp_path, monkeypatch):
+    """Two worker processes, started once for the run and kept over its epochs (their augmentation
+    draws follow each item's epoch), give exactly the batches of the main process alone, also after an
+    interruption mid-epoch."""
+    data = image_folder()
+    reference = tmp_path / "reference"
+    assert train(data, reference, "--method", "l2-sp", "--workers", "0").code == 0
+
+    loads = tmp_path / "loads.txt"  # "<pid> <epoch>" of every training image loaded
+    getitem = TransformedImages.__getitem__
+
+    def recording_getitem(self, index):
+        if self.seed is not None:  # the training split (evaluation has no random augmentation)
+            with open(loads, "a") as f:
+                f.write(f"{os.getpid()} {self.epoch}\n")
+        return getitem(self, index)
+
+    monkeypatch.setattr(TransformedImages, "__getitem__", recording_getitem)
+    interrupt_forward_at(monkeypatch, 6, "l2-sp")  # the third step of epoch 1
+    run = tmp_path / "run"
+    assert train(data, run, "--method", "l2-sp", "--workers", "2").code == 130
+    pids_by_epoch: dict[int, set[str]] = {}
+    for line in loads.read_text().splitlines():
+        pid, epoch = line.split()
+        pids_by_epoch.setdefault(int(epoch), set()).add(pid)
+    # the same two worker processes loaded epoch 0 and epoch 1: started once, not once per epoch
+    assert sorted(pids_by_epoch) == [0, 1]
+    assert pids_by_epoch[0] == pids_by_epoch[1] and len(pids_by_epoch[0]) == 2
+    assert str(os.getpid()) not in pids_by_epoch[0]
+
+    resumed = train(data, run, "--method", "l2-sp", "--workers", "2", "--resume")
+    assert resumed.code == 0, resumed.err
     assert_same_result(run, reference)
 
 

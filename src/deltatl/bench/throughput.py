@@ -20,7 +20,7 @@ import torch
 
 from ..data import ArrayImages, TransformedImages
 from ..data.transforms import train_transform
-from ..engine.fit import autocast_networks, epoch_loader
+from ..engine.fit import autocast_networks, epoch_loader, kept_loader
 from ..models import IMAGENET
 from .common import Bench, calibrated, interleaved, log, median, per_call, round_ratios, spread
 from .training import ModelSetup, Trainer, default_pretrained
@@ -102,11 +102,19 @@ def loader(bench: Bench, l2_step_s: float | None) -> None:
                          [str(i) for i in range(10)], "train")
     dataset = TransformedImages(images, train_transform(a.image_size, IMAGENET), seed=a.seed)
 
-    def epoch(workers: int) -> dict[str, float]:
-        # As fit(): a new DataLoader (so new worker processes) every epoch.
+    kept = {w: kept_loader(dataset, batch_size=a.batch_size, seed=a.seed, num_workers=w, device=device)
+            for w in a.loader_workers if w > 0}
+
+    def epoch(workers: int, keep: bool) -> dict[str, float]:
+        # As fit(): without workers a new DataLoader every epoch; with workers, either a new one (new
+        # worker processes every epoch, as fit() did before) or the one kept for the run.
         start = time.perf_counter()
-        loader_ = epoch_loader(dataset, batch_size=a.batch_size, seed=a.seed, epoch=0, num_workers=workers,
-                               device=device)
+        if keep:
+            loader_, move_to = kept[workers]
+            move_to(0, 0)
+        else:
+            loader_ = epoch_loader(dataset, batch_size=a.batch_size, seed=a.seed, epoch=0, num_workers=workers,
+                                   device=device)
         first = None
         for x, y in loader_:
             x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -114,20 +122,22 @@ def loader(bench: Bench, l2_step_s: float | None) -> None:
                 first = time.perf_counter() - start
         return {"first": first or 0.0}
 
-    tasks = {w: (lambda w=w: epoch(w)) for w in a.loader_workers}
+    tasks = {(w, keep): (lambda w=w, keep=keep: epoch(w, keep))
+             for w in a.loader_workers for keep in ((False, True) if w > 0 else (False,))}
     log(f"loader: one epoch of {a.loader_batches} batches of {a.batch_size} at {a.image_size} px with "
-        f"workers {a.loader_workers}; {a.repeats} rounds")
+        f"workers {a.loader_workers} (new workers each epoch, and kept); {a.repeats} rounds")
     for fn in tasks.values():
-        fn()  # warm-up (imports in the workers, page cache)
+        fn()  # warm-up (imports in the workers, page cache; starts the kept loaders' workers)
     times, results, _ = interleaved(tasks, a.repeats, device)
+    kept.clear()
     setup = {"image_size": a.image_size, "batch_size": a.batch_size, "batches": a.loader_batches,
              "dataset": "uint8 28x28 grey in memory (Fashion-MNIST-like), train transform", "repeats": a.repeats,
              "pin_memory": device.type == "cuda"}
-    for workers, values in times.items():
+    for (workers, keep), values in times.items():
         epoch_s = median(values)
-        row: dict[str, Any] = {"kind": "loader", "workers": workers, "epoch_s": round(epoch_s, 4),
+        row: dict[str, Any] = {"kind": "loader", "workers": workers, "kept": keep, "epoch_s": round(epoch_s, 4),
                                "per_batch_ms": round(1e3 * epoch_s / a.loader_batches, 3),
-                               "first_batch_ms": round(1e3 * results[workers]["first"], 3),
+                               "first_batch_ms": round(1e3 * results[(workers, keep)]["first"], 3),
                                "times_s": [round(t, 4) for t in values]}
         if l2_step_s:
             # Share of an l2 step that loading one batch would add when not overlapped (workers = 0).

@@ -29,10 +29,21 @@ def crop_logits(model: nn.Module, crops: torch.Tensor, autocast: Any = None,
     return total / crops.shape[1]
 
 
+def eval_loader(dataset: Dataset, *, batch_size: int, device: torch.device, num_workers: int = 0,
+                dist: DistEnv = SINGLE, persistent: bool = False) -> DataLoader:
+    """The batches :func:`evaluate` scores: this process's shard of ``dataset`` (under DDP, images
+    ``r, r + W, ...``) in order. ``persistent`` (with workers) keeps the worker processes between passes,
+    for a caller that evaluates the same dataset every epoch."""
+    shard = dataset if not dist.enabled else Subset(dataset, range(dist.rank, len(dataset), dist.world_size))
+    return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      pin_memory=device.type == "cuda", persistent_workers=persistent and num_workers > 0)
+
+
 @torch.inference_mode()
 def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int, device: torch.device,
              num_workers: int = 0, desc: str = "eval", progress: bool = True, dist: DistEnv = SINGLE,
-             amp_dtype: torch.dtype | None = None, channels_last: bool = False) -> dict[str, float]:
+             amp_dtype: torch.dtype | None = None, channels_last: bool = False,
+             loader: DataLoader | None = None) -> dict[str, float]:
     """``{"top1": percent, "loss": mean CE, "n": images}``; sums stay on the device until the end.
 
     Under DDP (``dist``, every process calls this) process ``r`` scores images ``r, r + W, r + 2W...``
@@ -46,11 +57,12 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int, device: tor
     Args:
         amp_dtype: autocast dtype (bfloat16 / float16) or None; the loss is computed in float32.
         channels_last: feed the images in channels-last memory format.
+        loader: ``eval_loader(dataset, ...)`` made once by the caller and reused (its workers kept);
+            by default a new one.
     """
     model = unwrap(model)  # never the DDP wrapper
-    shard = dataset if not dist.enabled else Subset(dataset, range(dist.rank, len(dataset), dist.world_size))
-    loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        pin_memory=device.type == "cuda")
+    if loader is None:
+        loader = eval_loader(dataset, batch_size=batch_size, device=device, num_workers=num_workers, dist=dist)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     autocast = (torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype is not None
                 else nullcontext())
