@@ -10,8 +10,10 @@ import pytest
 import yaml
 
 from deltatl.analysis import load_runs
+from deltatl.cli import main
 from deltatl.errors import DeltatlError
 from deltatl.report import build_report, results_table
+from conftest import TINY_TRAIN_ARGS
 from test_analysis import make_cub_parts, tiny_runs  # noqa: F401  (tiny_runs is a fixture)
 
 EVERY_RUN = ("l2", "l2-fe", "l2-sp", "delta", "rifle")
@@ -110,3 +112,30 @@ def test_the_delta_term_panel_holds_each_epochs_term_and_statistics_part_of_the_
     for row, metrics in zip(rows, logged):
         assert float(row["train/reg/delta"]) == metrics["train/reg/delta"]
         assert float(row["delta/bn_gap"]) == metrics["delta/bn_gap"] > 0
+
+
+BEYOND = ("bss", "lwf", "co-tuning", "stochnorm", "lp-ft", "wise-ft")
+
+
+def test_the_methods_beyond_the_papers_get_learning_curves_distances_and_activation_maps(tmp_path):
+    """Runs of every method beyond the papers (an extra ImageNet head for LwF and Co-Tuning,
+    StochNorm's layers, LP-FT's probe, WiSE-FT's interpolated weights) rebuild and load for the
+    analyses: each is a curve of the learning curves and of the filter distances."""
+    import csv
+
+    from test_analysis import make_data
+
+    data = make_data(tmp_path / "data")
+    runs = []
+    for method in BEYOND:
+        out = tmp_path / "runs" / method
+        assert main(["train", "--data", str(data), *TINY_TRAIN_ARGS, "--lr", "0.05", "--method", method,
+                     "--attention-epochs", "1", "--attention-cache", str(tmp_path / "cache"), "--out", str(out)]) == 0
+        runs.append(str(out))
+    out = tmp_path / "report"
+    html = Path(build_report(runs, str(out), filters=2, images=2, sample=6, progress=False)).read_text()
+    for stem in ("learning_curves", "distance", "activation_maps"):
+        assert f'id="fig-{stem}"' in html, stem
+    for table in ("learning_curves.csv", "distance_curves.csv"):
+        with open(out / table) as f:
+            assert {row["run"] for row in csv.DictReader(f)} == set(BEYOND), table
