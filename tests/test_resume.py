@@ -135,6 +135,34 @@ def test_an_interruption_on_the_last_step_of_an_epoch_still_logs_and_validates_t
     assert_same_result(run, reference)
 
 
+def test_an_interruption_during_the_final_evaluation_says_how_to_resume_and_resuming_only_evaluates(
+        train, image_folder, tmp_path, monkeypatch):
+    from deltatl.engine import fit as fit_module
+
+    data = image_folder()
+    reference = tmp_path / "reference"
+    assert train(data, reference, "--method", "l2-sp").code == 0
+    evaluate = fit_module._Loop.evaluate
+    signals = []
+
+    def interrupted_test(self, dataset, name):
+        if name == "test" and not signals:
+            signals.append(name)
+            os.kill(os.getpid(), signal.SIGINT)  # outside the training loop: a KeyboardInterrupt
+        return evaluate(self, dataset, name)
+
+    monkeypatch.setattr(fit_module._Loop, "evaluate", interrupted_test)
+    run = tmp_path / "run"
+    interrupted = train(data, run, "--method", "l2-sp")
+    assert interrupted.code == 130 and signals == ["test"]
+    assert "final evaluation" in interrupted.err and "--resume" in interrupted.err
+    steps = interrupt_forward_at(monkeypatch, 10**9, "l2-sp")  # counts the training steps of the resume
+    resumed = train(data, run, "--method", "l2-sp", "--resume")
+    assert resumed.code == 0, resumed.err
+    assert steps["steps"] == 0
+    assert_same_result(run, reference)
+
+
 def test_with_data_loading_workers_kept_across_epochs_a_resumed_run_equals_the_run_without_workers(
         train, image_folder, tmp_path, monkeypatch):
     """Two worker processes, started once for the run and kept over its epochs (their augmentation

@@ -628,4 +628,7 @@ def fit(objective: Objective, train_set: TransformedImages, val_set: Dataset | N
     loop.open_tensorboard()
     net = loop.wrap_networks(compile_model, sync_bn)
     loop.run(net, val_set, eval_every)
-    return loop.finish(val_set, test_set)
+    try:
+        return loop.finish(val_set, test_set)
+    except KeyboardInterrupt:  # the training is in the checkpoint: --resume only evaluates
+        raise Interrupted(f"interrupted during the final evaluation; the trained model is saved in {run_dir}") from None
