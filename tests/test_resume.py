@@ -163,6 +163,34 @@ def test_an_interruption_during_the_final_evaluation_says_how_to_resume_and_resu
     assert_same_result(run, reference)
 
 
+def test_an_interruption_while_scoring_the_channel_attention_says_how_to_resume(train, image_folder, tmp_path,
+                                                                                 monkeypatch):
+    from deltatl.attention import estimate
+
+    data = image_folder()
+    reference = tmp_path / "reference"
+    command = ["--method", "delta", *ATTENTION]
+    assert train(data, reference, *command, "--attention-cache", tmp_path / "cache-a").code == 0
+    score = estimate.channel_attention_scores
+    signals = []
+
+    def interrupted_scoring(*args, **kwargs):
+        if not signals:
+            signals.append(1)
+            os.kill(os.getpid(), signal.SIGINT)  # no training loop to catch it: a KeyboardInterrupt
+        return score(*args, **kwargs)
+
+    monkeypatch.setattr(estimate, "channel_attention_scores", interrupted_scoring)
+    run = tmp_path / "run"
+    interrupted = train(data, run, *command, "--attention-cache", tmp_path / "cache-b")
+    assert interrupted.code == 130 and signals == [1]
+    assert interrupted.err.splitlines()[-1] == ("deltatl: interrupted; finished work is kept: the same command "
+                                                "plus --resume continues")
+    resumed = train(data, run, *command, "--attention-cache", tmp_path / "cache-b", "--resume")
+    assert resumed.code == 0, resumed.err
+    assert_same_result(run, reference)
+
+
 def test_with_data_loading_workers_kept_across_epochs_a_resumed_run_equals_the_run_without_workers(
         train, image_folder, tmp_path, monkeypatch):
     """Two worker processes, started once for the run and kept over its epochs (their augmentation

@@ -521,8 +521,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Interrupted as exc:
         print(f"deltatl: {exc}; continue with the same command plus --resume", file=sys.stderr)
         return 130
-    except KeyboardInterrupt:
-        print("deltatl: interrupted", file=sys.stderr)
+    except KeyboardInterrupt:  # outside a training loop (e.g. while scoring the channel attention)
+        resumable = getattr(args, "resume", None) is not None and not getattr(args, "resume")
+        hint = "; finished work is kept: the same command plus --resume continues" if resumable else ""
+        print(f"deltatl: interrupted{hint}", file=sys.stderr)
         return 130
     except ModuleNotFoundError as exc:
         message = missing_extra_message(exc)
