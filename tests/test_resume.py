@@ -135,8 +135,18 @@ def test_an_interruption_on_the_last_step_of_an_epoch_still_logs_and_validates_t
     assert_same_result(run, reference)
 
 
+@pytest.fixture
+def python_sigint():
+    """Python's own SIGINT handler (a KeyboardInterrupt), also where the suite was started with SIGINT
+    ignored (a background job of a non-interactive shell, as in CI), for the tests of interruptions
+    outside the training loop, which has a handler of its own."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def test_an_interruption_during_the_final_evaluation_says_how_to_resume_and_resuming_only_evaluates(
-        train, image_folder, tmp_path, monkeypatch):
+        train, image_folder, tmp_path, monkeypatch, python_sigint):
     from deltatl.engine import fit as fit_module
 
     data = image_folder()
@@ -164,7 +174,7 @@ def test_an_interruption_during_the_final_evaluation_says_how_to_resume_and_resu
 
 
 def test_an_interruption_while_scoring_the_channel_attention_says_how_to_resume(train, image_folder, tmp_path,
-                                                                                 monkeypatch):
+                                                                                 monkeypatch, python_sigint):
     from deltatl.attention import estimate
 
     data = image_folder()
