@@ -226,8 +226,9 @@ def kept_loader(train_set: Dataset, *, batch_size: int, seed: int, num_workers: 
     across epochs, and the function that moves it to ``(epoch, start)`` before each ``iter()``.
 
     Its batches are exactly :func:`epoch_loader`'s (same order, same augmentation draws), without
-    starting the workers again every epoch (0.3-0.7 s each on a CPU; on a GPU, epochs of a small
-    dataset take less). The workers' own seeds never matter: each image's draws are seeded by
+    starting the workers again every epoch (1.3-1.4x faster epochs of loading on this project's CPU,
+    BENCHMARKS.md; on a GPU an epoch of a small dataset can take less than the start-up). The workers'
+    own seeds never matter: each image's draws are seeded by
     ``(seed, epoch, index)`` (:class:`~deltatl.data.TransformedImages`).
     """
     sampler = _EpochTagged(EpochSampler(len(train_set), seed, 0, batch_size=batch_size, rank=rank,  # type: ignore[arg-type]
