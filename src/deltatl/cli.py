@@ -522,8 +522,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"deltatl: {exc}; continue with the same command plus --resume", file=sys.stderr)
         return 130
     except KeyboardInterrupt:  # outside a training loop (e.g. while scoring the channel attention)
-        resumable = getattr(args, "resume", None) is not None and not getattr(args, "resume")
-        hint = "; finished work is kept: the same command plus --resume continues" if resumable else ""
+        # commands that can resume, run without --resume
+        hint = "; finished work is kept: the same command plus --resume continues" \
+            if getattr(args, "resume", None) is False else ""
         print(f"deltatl: interrupted{hint}", file=sys.stderr)
         return 130
     except ModuleNotFoundError as exc:

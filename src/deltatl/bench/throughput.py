@@ -20,7 +20,7 @@ import torch
 
 from ..data import ArrayImages, TransformedImages
 from ..data.transforms import train_transform
-from ..engine.fit import autocast_networks, epoch_loader, kept_loader
+from ..engine.fit import autocast_networks, train_loader
 from ..models import IMAGENET
 from .common import Bench, calibrated, interleaved, log, median, per_call, round_ratios, spread
 from .training import ModelSetup, Trainer, default_pretrained
@@ -102,19 +102,16 @@ def loader(bench: Bench, l2_step_s: float | None) -> None:
                          [str(i) for i in range(10)], "train")
     dataset = TransformedImages(images, train_transform(a.image_size, IMAGENET), seed=a.seed)
 
-    kept = {w: kept_loader(dataset, batch_size=a.batch_size, seed=a.seed, num_workers=w, device=device)
+    kept = {w: train_loader(dataset, batch_size=a.batch_size, seed=a.seed, num_workers=w, device=device)
             for w in a.loader_workers if w > 0}
 
     def epoch(workers: int, keep: bool) -> dict[str, float]:
-        # As fit(): without workers a new DataLoader every epoch; with workers, either a new one (new
-        # worker processes every epoch, as fit() did before) or the one kept for the run.
+        # fit()'s loader, either new (new worker processes every epoch, as fit() did before) or the
+        # one kept for the run (what fit() does now).
         start = time.perf_counter()
-        if keep:
-            loader_, move_to = kept[workers]
-            move_to(0, 0)
-        else:
-            loader_ = epoch_loader(dataset, batch_size=a.batch_size, seed=a.seed, epoch=0, num_workers=workers,
-                                   device=device)
+        loader_, move_to = kept[workers] if keep else train_loader(dataset, batch_size=a.batch_size, seed=a.seed,
+                                                                   num_workers=workers, device=device)
+        move_to(0, 0)
         first = None
         for x, y in loader_:
             x.to(device, non_blocking=True), y.to(device, non_blocking=True)

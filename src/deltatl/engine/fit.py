@@ -162,23 +162,6 @@ def train_step(objective: Objective, optimizer: torch.optim.Optimizer, scaler: t
     return out
 
 
-def epoch_loader(train_set: Dataset, *, batch_size: int, seed: int, epoch: int, start: int = 0,
-                 num_workers: int = 0, device: torch.device = torch.device("cpu"), rank: int = 0,
-                 world_size: int = 1, drop_last: bool = True) -> DataLoader:
-    """The training batches of ``epoch`` from its ``start``-th step on, as :func:`fit` reads them.
-
-    The order is :class:`EpochSampler`'s (a function of ``(seed, epoch)``; under DDP this process's
-    slice of every global batch). The loader has its own generator: a DataLoader draws its workers'
-    base seed when an iterator starts, from the global RNG otherwise, and a run resumed mid-epoch
-    starts one more iterator than the uninterrupted run, which would shift every later dropout draw.
-    """
-    sampler = EpochSampler(len(train_set), seed, epoch, start * batch_size * world_size, batch_size=batch_size,
-                           rank=rank, world_size=world_size)
-    return DataLoader(train_set, batch_size=batch_size, drop_last=drop_last, sampler=sampler,
-                      num_workers=num_workers, pin_memory=device.type == "cuda",
-                      generator=torch.Generator().manual_seed(derived_seed(seed, epoch)))
-
-
 class _EpochTagged(Sampler[tuple[int, int]]):
     """An :class:`EpochSampler` that can be moved to any epoch and step, each index tagged with its epoch.
 
@@ -189,7 +172,7 @@ class _EpochTagged(Sampler[tuple[int, int]]):
         self.sampler = sampler
 
     def move_to(self, epoch: int, start: int) -> None:
-        """From the ``start``-th (global) batch of ``epoch`` on, as :func:`epoch_loader`'s sampler."""
+        """From the ``start``-th (global) batch of ``epoch`` on."""
         self.sampler.epoch = epoch
         self.sampler.start = start * self.sampler.batch_size * self.sampler.world_size
 
@@ -219,23 +202,27 @@ class _EpochItems(Dataset):
         return self.dataset[index]
 
 
-def kept_loader(train_set: Dataset, *, batch_size: int, seed: int, num_workers: int,
-                device: torch.device = torch.device("cpu"), rank: int = 0, world_size: int = 1,
-                drop_last: bool = True) -> tuple[DataLoader, Callable[[int, int], None]]:
-    """One training DataLoader for a whole run, whose ``num_workers`` (> 0) worker processes persist
-    across epochs, and the function that moves it to ``(epoch, start)`` before each ``iter()``.
+def train_loader(train_set: Dataset, *, batch_size: int, seed: int, num_workers: int = 0,
+                 device: torch.device = torch.device("cpu"), rank: int = 0, world_size: int = 1,
+                 drop_last: bool = True) -> tuple[DataLoader, Callable[[int, int], None]]:
+    """The training DataLoader of a whole run, as :func:`fit` reads it, and the function that moves it to
+    ``(epoch, start)`` (the ``start``-th step of ``epoch``) before each ``iter()``.
 
-    Its batches are exactly :func:`epoch_loader`'s (same order, same augmentation draws), without
-    starting the workers again every epoch (1.3-1.4x faster epochs of loading on this project's CPU,
-    BENCHMARKS.md; on a GPU an epoch of a small dataset can take less than the start-up). The workers'
-    own seeds never matter: each image's draws are seeded by
-    ``(seed, epoch, index)`` (:class:`~deltatl.data.TransformedImages`).
+    The order is :class:`EpochSampler`'s (a function of ``(seed, epoch)``; under DDP this process's slice
+    of every global batch). Worker processes (``num_workers`` > 0) are started once and kept across
+    epochs (up to 1.4x faster epochs of loading on this project's CPU, BENCHMARKS.md; on a GPU an epoch of
+    a small dataset can take less than their start-up); each index carries its epoch, so a kept worker
+    draws that epoch's augmentation, and the workers' own seeds never matter: each image's draws are
+    seeded by ``(seed, epoch, index)`` (:class:`~deltatl.data.TransformedImages`). The loader has its own
+    generator: a DataLoader draws its base seed from the global RNG otherwise, and a run resumed
+    mid-epoch starts one more iterator than the uninterrupted run, which would shift every later
+    dropout draw.
     """
     sampler = _EpochTagged(EpochSampler(len(train_set), seed, 0, batch_size=batch_size, rank=rank,  # type: ignore[arg-type]
                                         world_size=world_size))
     loader = DataLoader(_EpochItems(train_set), batch_size=batch_size, drop_last=drop_last, sampler=sampler,
-                        num_workers=num_workers, pin_memory=device.type == "cuda", persistent_workers=True,
-                        generator=torch.Generator().manual_seed(derived_seed(seed, 0)))
+                        num_workers=num_workers, pin_memory=device.type == "cuda",
+                        persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed))
     return loader, sampler.move_to
 
 
@@ -293,7 +280,7 @@ class _Loop:
                  tensorboard: bool = False):
         self.objective, self.train_set, self.run_dir, self.total_steps = objective, train_set, run_dir, total_steps
         self.batch_size, self.device, self.seed, self.num_workers = batch_size, device, seed, num_workers
-        self.kept: tuple[DataLoader, Callable[[int, int], None]] | None = None  # see loader()
+        self.batches: tuple[DataLoader, Callable[[int, int], None]] | None = None  # see loader()
         self.eval_loaders: dict[str, DataLoader] = {}  # see evaluate()
         self.log_every, self.hooks, self.progress, self.run_info, self.dist = log_every, hooks, progress, run_info, dist
         self.primary, self.world = dist.is_primary, dist.world_size
@@ -432,19 +419,14 @@ class _Loop:
     # --- the loop ------------------------------------------------------------------------------------
 
     def loader(self, epoch: int, start: int) -> DataLoader:
-        """The epoch's batches from its ``start``-th step on: with worker processes, from one loader kept
-        for the run (:func:`kept_loader`); without, a new loader per epoch (nothing to keep)."""
-        if self.num_workers > 0:
-            if self.kept is None:
-                self.kept = kept_loader(self.train_set, batch_size=self.batch_size, seed=self.seed,
+        """The epoch's batches from its ``start``-th step on, from the one loader of the run."""
+        if self.batches is None:
+            self.batches = train_loader(self.train_set, batch_size=self.batch_size, seed=self.seed,
                                         num_workers=self.num_workers, device=self.device, rank=self.dist.rank,
                                         world_size=self.world, drop_last=self.drop_last)
-            loader, move_to = self.kept
-            move_to(epoch, start)
-            return loader
-        return epoch_loader(self.train_set, batch_size=self.batch_size, seed=self.seed, epoch=epoch, start=start,
-                            num_workers=self.num_workers, device=self.device, rank=self.dist.rank,
-                            world_size=self.world, drop_last=self.drop_last)
+        loader, move_to = self.batches
+        move_to(epoch, start)
+        return loader
 
     def context(self) -> StepContext:
         return StepContext(self.state.step, self.total_steps, self.optimizer, self.dist.rank, self.world)
@@ -547,7 +529,7 @@ class _Loop:
             raise
         finally:
             self.objective.prepare()  # the bare networks again
-            self.kept = None  # its worker processes end with it
+            self.batches = None  # its worker processes end with it
         bar.close()
 
     def finish(self, val_set: Dataset | None, test_set: Dataset | None) -> dict[str, Any]:
