@@ -91,6 +91,18 @@ def test_a_rifle_variant_whose_base_method_is_not_listed_still_gets_its_alpha_ch
     assert selection, "the alpha choice is not recorded"
 
 
+def test_wise_ft_interpolates_the_comparisons_own_lp_ft_run_of_each_seed(tmp_path):
+    trainer = FakeTrainer(val=lambda c: 50.0)
+    run_compare(tmp_path, trainer, ["lp-ft", "wise-ft", "wise-ft+bss", "lp-ft+bss"], grid=[0.001])
+    by = {(c.method, c.seed): c for c in trainer.configs}
+    for seed in SEEDS:
+        assert by["wise-ft", seed].fine_tuned == by["lp-ft", seed].out
+        assert by["wise-ft+bss", seed].fine_tuned == by["lp-ft+bss", seed].out  # listed after it: trained by it
+    alone = FakeTrainer(val=lambda c: 50.0)
+    run_compare(tmp_path / "alone", alone, ["wise-ft"])
+    assert all(c.fine_tuned is None for c in alone.configs)  # its own subfolder
+
+
 # --- the real command on a tiny image folder ---------------------------------------------------------
 
 @pytest.fixture(scope="module")

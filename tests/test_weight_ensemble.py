@@ -61,14 +61,40 @@ def test_a_wise_ft_run_reports_the_ensemble_that_eval_reproduces(cli, image_fold
     chosen = summary["wise_ft"]["mixing"]
     assert summary["val_top1"] == summary["wise_ft"]["val_top1"][f"{chosen:g}"] == max(
         summary["wise_ft"]["val_top1"].values())
-    probe = torch.load(run / "linear_probe" / "checkpoint.pt", weights_only=True)["model"]
+    # the fine-tuning is an LP-FT run of the same settings, in a subfolder
+    assert "method: lp-ft" in (run / "fine_tuned" / "config.yaml").read_text()
+    assert summary["method"] == "wise-ft" and summary["wise_ft"]["fine_tuned"] == "fine_tuned"
+    probe = torch.load(run / "fine_tuned" / "linear_probe" / "checkpoint.pt", weights_only=True)["model"]
     fine_tuned = torch.load(run / "fine_tuned" / "checkpoint.pt", weights_only=True)["model"]
-    ensemble = torch.load(run / "checkpoint.pt", weights_only=True)["model"]
+    ensemble = torch.load(run / "checkpoint.pt", weights_only=True)
     expected = interpolate(probe, fine_tuned, chosen)
-    assert all(torch.allclose(ensemble[k].float(), expected[k].float(), atol=1e-6) for k in expected)
-    # the test split is scored once, on the ensemble: not on the fine-tuned end
-    assert json.loads((run / "fine_tuned" / "summary.json").read_text())["test_top1"] is None
+    assert all(torch.allclose(ensemble["model"][k].float(), expected[k].float(), atol=1e-6) for k in expected)
+    assert ensemble["run_info"]["method"] == "wise-ft"
     evaluated = cli("eval", run)
     assert evaluated.code == 0
     assert f"top-1 {summary['test_top1']:.2f}%" in evaluated.out
     assert cli("train", *flags).code == 0  # finished: reused
+
+
+def test_wise_ft_from_a_finished_lp_ft_run_reuses_it_and_equals_its_own_fine_tuning(cli, image_folder, tmp_path):
+    data = image_folder(val=2)
+    flags = ["--data", data, *TINY_TRAIN_ARGS, "--epochs", "2", "--attention-epochs", "2",
+             "--attention-batch-size", "4"]
+    lp_ft = tmp_path / "lp-ft"
+    assert cli("train", *flags, "--method", "lp-ft", "--out", lp_ft).code == 0
+    trained = (lp_ft / "checkpoint.pt").stat().st_mtime_ns
+    own, reused = tmp_path / "own", tmp_path / "reused"
+    assert cli("train", *flags, "--method", "wise-ft", "--out", own).code == 0
+    result = cli("train", *flags, "--method", "wise-ft", "--fine-tuned", lp_ft, "--out", reused)
+    assert result.code == 0, result.err
+    assert (lp_ft / "checkpoint.pt").stat().st_mtime_ns == trained  # reused, not trained again
+    assert not (reused / "fine_tuned").exists()
+    a, b = (json.loads((run / "summary.json").read_text()) for run in (own, reused))
+    assert a["wise_ft"]["val_top1"] == b["wise_ft"]["val_top1"] and a["test_top1"] == b["test_top1"]
+    # an LP-FT run of other settings is refused, naming what differs
+    other = cli("train", *flags, "--method", "wise-ft", "--fine-tuned", lp_ft, "--seed", "1", "--out",
+                tmp_path / "other")
+    assert other.code != 0 and "differs in: seed" in other.err and "Traceback" not in other.err
+    # and a method that interpolates nothing refuses it
+    refused = cli("train", *flags, "--method", "l2", "--fine-tuned", lp_ft, "--out", tmp_path / "l2")
+    assert refused.code != 0 and "wise-ft" in refused.err

@@ -18,7 +18,7 @@ from dataclasses import replace
 from typing import Any, Callable, Sequence
 
 from .config import TrainConfig, parse_grid_values
-from .methods import get_method
+from .methods import fine_tuning_of, get_method
 from .errors import DeltatlError
 from .outputs import atomic_open, check_output_folder
 
@@ -119,7 +119,12 @@ def compare(base: TrainConfig, specs: Sequence[str], seeds: Sequence[int], out: 
     for spec in specs:
         method, _ = parse_spec(spec)
         alpha = chosen.get(method)
-        summaries = [train(_run_config(base, out, spec, seed, alpha)) for seed in seeds]
+        # WiSE-FT interpolates an LP-FT run: the comparison's own, when it has one with the same alpha
+        fine_tuning = fine_tuning_of(spec)
+        reuse = get_method(method).weight_ensemble and fine_tuning in specs and chosen.get(
+            parse_spec(fine_tuning)[0]) == alpha
+        summaries = [train(replace(_run_config(base, out, spec, seed, alpha), fine_tuned=_run_config(
+            base, out, fine_tuning, seed, alpha).out if reuse else None)) for seed in seeds]
         val = [s["val_top1"] for s in summaries if s["val_top1"] is not None]
         test = [s["test_top1"] for s in summaries]
         row = {"method": spec, "alpha": alpha if alpha is not None else replace(base, method=method).resolved_alpha(),

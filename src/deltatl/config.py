@@ -86,6 +86,8 @@ class TrainConfig:
     attention_batch_size: int = 32
     attention_bn_train: bool = True  # official quirk: BatchNorm statistics adapt during the L2-FE fit
     attention_temperature: float = 5.0
+    # wise-ft: the LP-FT run it interpolates (trained there unless finished); None: its `fine_tuned` subfolder
+    fine_tuned: str | None = None
     # RIFLE
     rifle: int = 0
     rifle_reset_momentum: bool = False
@@ -197,7 +199,8 @@ class TrainConfig:
     def result_fields(self) -> dict[str, Any]:
         """The fields that define what a run computes (compared when a run directory is reused): the
         execution settings and those the method does not use are left out, alpha is resolved."""
-        skip = {"device", "workers", "out", "attention_cache", "channels_last", "compile", "tensorboard", "l2sp_fused"}
+        skip = {"device", "workers", "out", "fine_tuned", "attention_cache", "channels_last", "compile", "tensorboard",
+                "l2sp_fused"}
         if not self.rifle:  # RIFLE's switches do nothing without re-initialisations
             skip |= {"rifle_reset_momentum", "rifle_cyclic_lr"}
         method = METHODS.get(self.method)

@@ -140,6 +140,11 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
+def fine_tuning_of(name: str) -> str:
+    """The LP-FT method a WiSE-FT method interpolates: ``wise-ft`` -> ``lp-ft``, ``wise-ft+bss`` -> ``lp-ft+bss``."""
+    return "+".join("lp-ft" if part == "wise-ft" else part for part in name.split("+"))
+
+
 def compose(parts: list[str]) -> Method:
     """``delta+bss``, ``l2-sp+lwf``, ``lp-ft+delta``, ``stochnorm+co-tuning``...: one method.
 

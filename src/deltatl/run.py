@@ -6,11 +6,13 @@ objective and :func:`~deltatl.engine.fit.fit`. The CLI, ``deltatl demo`` and the
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -33,7 +35,7 @@ from .engine.stochnorm import convert_stochnorm
 from .engine.weight_ensemble import choose_mixing
 from .errors import DeltatlError
 from .features import layer_preset
-from .methods import get_method
+from .methods import fine_tuning_of, get_method
 from .outputs import atomic_open
 from .regularizers import REGULARIZERS, source_relationship
 from .models import create_model, head_module, head_name, preprocessing, resolve_pretrained
@@ -191,22 +193,12 @@ def train_run(config: TrainConfig, *, resume: bool = False, progress: bool = Tru
     if finished is not None:
         return {**finished, "reused": True}
     splits = open_splits(config, progress)
-    model = seeded_model(config, len(splits.classes))
-    if method.stochnorm is not None:
-        if config.sync_bn:
-            raise DeltatlError("stochnorm has no synchronised BatchNorm: run it without `sync_bn`")
-        if not convert_stochnorm(model, method.stochnorm):
-            raise DeltatlError(f"stochnorm replaces BatchNorm layers, and {config.model} has none")
-
-    def record_run() -> None:
-        os.makedirs(run_dir, exist_ok=True)
-        lock.append(lock_run_dir(run_dir))
-        lists_dir = os.path.join(run_dir, "splits")
-        if os.path.isfile(os.path.join(run_dir, CHECKPOINT)):
-            splits.check_lists(lists_dir)
-        splits.write_lists(lists_dir)
-        dump_yaml(config, os.path.join(run_dir, CONFIG_FILE))
-
+    if method.weight_ensemble:
+        return weight_ensemble_run(config, splits, run_dir, resume=resume, progress=progress, dist=dist,
+                                   device=device)
+    if config.fine_tuned:
+        raise DeltatlError(f"`fine_tuned` names the LP-FT run wise-ft interpolates; {config.method} has none")
+    model = target_model(config, len(splits.classes))
     spe = epoch_steps(len(splits.train), config.batch_size * dist.world_size)  # --batch-size is per process
     total_steps = config.iters or (config.epochs or TrainConfig.DEFAULT_EPOCHS) * spe
     decay = decay_fraction(config, total_steps)
@@ -222,53 +214,111 @@ def train_run(config: TrainConfig, *, resume: bool = False, progress: bool = Tru
     if config.schedule in CYCLIC and config.lr_cycles > total_steps:
         raise DeltatlError(f"`lr_cycles` {config.lr_cycles} is more than the {total_steps} training steps")
     disturb = DisturbLabel(config.disturb_label, len(splits.classes), config.seed) if config.disturb_label else None
-    lock: list[Any] = []  # held open (locked) until this process ends or the run returns
-    dist.on_rank0(record_run)
+    with claimed(run_dir, config, splits, dist):
+        train_set, val_set, test_set = split_datasets(config, splits, model)
+        probe = probe_head(config, model, train_set, run_dir, device, progress, dist) if method.linear_probe else None
+        objective = build_objective(config, model, train_set, run_dir, device, progress, dist, probe=probe)
+        return fit(objective, train_set, val_set, test_set, run_dir=run_dir,
+                   total_steps=total_steps, batch_size=config.batch_size, lr=config.lr,
+                   momentum=config.momentum,
+                   weight_decay=method.weight_decay if config.weight_decay is None else config.weight_decay,
+                   schedule=config.schedule, decay_fraction=decay, lr_cycles=config.lr_cycles,
+                   lr_min_factor=config.lr_min_factor, device=device, seed=config.seed, num_workers=config.workers,
+                   eval_every=config.eval_every, rifle=rifle, resume=resume, progress=progress,
+                   run_info=run_info(config, splits), dist=dist, amp=config.amp,
+                   channels_last=use_channels_last(config.channels_last, device), compile_model=config.compile,
+                   sync_bn=config.sync_bn, disturb=disturb, tensorboard=config.tensorboard)
 
+
+def target_model(config: TrainConfig, num_classes: int) -> torch.nn.Module:
+    """The network that trains: :func:`seeded_model`, its BatchNorm layers StochNorm ones for ``stochnorm``."""
+    model = seeded_model(config, num_classes)
+    stochnorm = get_method(config.method).stochnorm
+    if stochnorm is not None:
+        if config.sync_bn:
+            raise DeltatlError("stochnorm has no synchronised BatchNorm: run it without `sync_bn`")
+        if not convert_stochnorm(model, stochnorm):
+            raise DeltatlError(f"stochnorm replaces BatchNorm layers, and {config.model} has none")
+    return model
+
+
+@contextlib.contextmanager
+def claimed(run_dir: str, config: TrainConfig, splits: DataSplits, dist: DistEnv) -> Iterator[None]:
+    """Rank 0 holds ``run_dir`` for the block: its lock (no other process trains into it), its split lists
+    (checked against those of a started run) and its config."""
+    locks: list[Any] = []
+
+    def record() -> None:
+        os.makedirs(run_dir, exist_ok=True)
+        locks.append(lock_run_dir(run_dir))
+        lists_dir = os.path.join(run_dir, "splits")
+        if os.path.isfile(os.path.join(run_dir, CHECKPOINT)):
+            splits.check_lists(lists_dir)
+        splits.write_lists(lists_dir)
+        dump_yaml(config, os.path.join(run_dir, CONFIG_FILE))
+
+    dist.on_rank0(record)
+    try:
+        yield
+    finally:
+        for lock in locks:
+            lock.close()
+
+
+def split_datasets(config: TrainConfig, splits: DataSplits, model: torch.nn.Module
+                   ) -> tuple[TransformedImages, TransformedImages, TransformedImages]:
+    """The training (augmented, seeded), validation and test images as ``model`` reads them."""
     pre = preprocessing(model)
     train_set = TransformedImages(splits.train,
                                   train_transform(config.image_size, pre, config.resize, config.keep_aspect),
                                   seed=config.seed)
     evaluation = evaluation_transform(config.image_size, pre, config.resize, config.keep_aspect, config.ten_crop)
-    val_set = TransformedImages(splits.val, evaluation)
-    test_set = TransformedImages(splits.test, evaluation)
-    start: dict[str, torch.Tensor] = {}  # WiSE-FT's theta_0: the probe model
-    if method.linear_probe:
-        start = probe_head(config, model, train_set, run_dir, device, progress, dist)
-    # WiSE-FT: the fine-tuning is a run of its own in a subfolder; the run's files are the ensemble's
-    fit_dir = os.path.join(run_dir, "fine_tuned") if method.weight_ensemble else run_dir
-    if method.weight_ensemble:
-        if not resume and os.path.isfile(os.path.join(fit_dir, CHECKPOINT)):
-            raise DeltatlError(f"{run_dir} holds an unfinished run of this config; pass `resume` to continue it")
-        if not len(splits.val):
-            raise DeltatlError("wise-ft chooses its mixing coefficient on the validation split: give "
-                               "`val_per_class` or `val_fraction`")
-    objective = build_objective(config, model, train_set, run_dir, device, progress, dist,
-                                probe=start if method.linear_probe else None)
-    run_info = {"method": config.method, "model": config.model, "data": config.data, "rifle": config.rifle,
-                "alpha": config.resolved_alpha(),
-                "alpha_from": alpha_origin(config),
-                "classes": splits.classes, "config": config.result_fields()}
-    summary = fit(objective, train_set, val_set, None if method.weight_ensemble else test_set, run_dir=fit_dir,
-               total_steps=total_steps, batch_size=config.batch_size, lr=config.lr,
-               momentum=config.momentum,
-               weight_decay=method.weight_decay if config.weight_decay is None else config.weight_decay,
-               schedule=config.schedule, decay_fraction=decay, lr_cycles=config.lr_cycles,
-               lr_min_factor=config.lr_min_factor, device=device, seed=config.seed, num_workers=config.workers,
-               eval_every=config.eval_every, rifle=rifle, resume=resume, progress=progress, run_info=run_info,
-               dist=dist, amp=config.amp, channels_last=use_channels_last(config.channels_last, device),
-               compile_model=config.compile, sync_bn=config.sync_bn, disturb=disturb, tensorboard=config.tensorboard)
-    if not method.weight_ensemble:
-        return summary
-    return dist.on_rank0(lambda: finish_weight_ensemble(config, objective.model, start, summary, run_dir, fit_dir,
-                                                        val_set, test_set, device, progress))
+    return train_set, TransformedImages(splits.val, evaluation), TransformedImages(splits.test, evaluation)
 
 
-def finish_weight_ensemble(config: TrainConfig, model: torch.nn.Module, start: dict[str, torch.Tensor],
-                           summary: dict[str, Any], run_dir: str, fit_dir: str, val_set: TransformedImages,
-                           test_set: TransformedImages, device: torch.device, progress: bool) -> dict[str, Any]:
-    """WiSE-FT's last stage: the mixing coefficient on validation, the test split scored once with it,
-    the ensemble's weights in the run's checkpoint (what ``deltatl eval`` reads) and its summary."""
+def run_info(config: TrainConfig, splits: DataSplits) -> dict[str, Any]:
+    """What a run's checkpoint and summary record about it (``deltatl eval``, ``predict`` and the report read it)."""
+    return {"method": config.method, "model": config.model, "data": config.data, "rifle": config.rifle,
+            "alpha": config.resolved_alpha(), "alpha_from": alpha_origin(config),
+            "classes": splits.classes, "config": config.result_fields()}
+
+
+def weight_ensemble_run(config: TrainConfig, splits: DataSplits, run_dir: str, *, resume: bool, progress: bool,
+                        dist: DistEnv, device: torch.device) -> dict[str, Any]:
+    """WiSE-FT: an LP-FT run, then its weights interpolated with the probe's.
+
+    The LP-FT run (the same config with ``lp-ft`` for ``wise-ft``) is ``config.fine_tuned`` when given
+    (``deltatl compare`` passes its own LP-FT run of the seed: one fine-tuning for both methods), else
+    the run's ``fine_tuned`` subfolder; it is trained, resumed or reused as any run. Then, on rank 0,
+    :func:`finish_weight_ensemble` chooses the mixing on the validation split and scores the test split
+    once with it.
+    """
+    if not len(splits.val):
+        raise DeltatlError("wise-ft chooses its mixing coefficient on the validation split: give "
+                           "`val_per_class` or `val_fraction`")
+    with claimed(run_dir, config, splits, dist):
+        fine_tuning = dataclasses.replace(config, method=fine_tuning_of(config.method), fine_tuned=None,
+                                          out=config.fine_tuned or os.path.join(run_dir, "fine_tuned"))
+        summary = train_run(fine_tuning, resume=resume, progress=progress)
+        return dist.on_rank0(lambda: finish_weight_ensemble(config, fine_tuning, splits, summary, run_dir, device,
+                                                            progress))
+
+
+def finish_weight_ensemble(config: TrainConfig, fine_tuning: TrainConfig, splits: DataSplits,
+                           summary: dict[str, Any], run_dir: str, device: torch.device,
+                           progress: bool) -> dict[str, Any]:
+    """WiSE-FT's last stage: theta(a) = (1 - a) theta_probe + a theta_ft with a chosen on the validation
+    split, the test split scored once with it, the ensemble's weights in the run's checkpoint (what
+    ``deltatl eval`` reads) and its summary. theta_probe is the LP-FT run's linear probe (finished there:
+    reused), theta_ft its final weights."""
+    fit_dir = str(fine_tuning.out)
+    model = target_model(config, len(splits.classes))
+    train_set, val_set, test_set = split_datasets(config, splits, model)
+    start = probe_head(fine_tuning, model, train_set, fit_dir, device, progress)
+    state = ckpt.load(os.path.join(fit_dir, CHECKPOINT))
+    model.load_state_dict(state["model"])
+    model.to(device)
+
     def scores(dataset: TransformedImages, desc: str) -> dict[str, float]:
         return evaluate(model, dataset, batch_size=config.batch_size, device=device, num_workers=config.workers,
                         desc=desc, progress=progress)
@@ -277,14 +327,17 @@ def finish_weight_ensemble(config: TrainConfig, model: torch.nn.Module, start: d
     mixing, val_top1 = choose_mixing(model, {k: v.to(device) for k, v in start.items()}, end,
                                      lambda m: scores(val_set, "val")["top1"])
     val, test = scores(val_set, "val"), scores(test_set, "test")
-    state = ckpt.load(os.path.join(fit_dir, CHECKPOINT))
+    info = run_info(config, splits)
     state["model"] = {k: v.cpu() for k, v in model.state_dict().items()}
+    state["run_info"] = info
     ckpt.save_atomic(state, os.path.join(run_dir, CHECKPOINT))
     with open(os.path.join(fit_dir, METRICS)) as f, atomic_open(os.path.join(run_dir, METRICS)) as out:
         out.write(f.read())  # the fine-tuning's curves, for the report
-    summary = {**summary, "val_top1": val["top1"], "val_loss": val["loss"], "test_top1": test["top1"],
+    fine_tuned = {k: v for k, v in summary.items() if k not in info and k != "reused"}
+    summary = {**fine_tuned, **info, "val_top1": val["top1"], "val_loss": val["loss"], "test_top1": test["top1"],
                "test_loss": test["loss"],
                "wise_ft": {"mixing": mixing, "val_top1": {f"{a:g}": v for a, v in val_top1.items()},
+                           "fine_tuned": os.path.relpath(fit_dir, run_dir),
                            "fine_tuned_val_top1": summary["val_top1"]}}
     with atomic_open(os.path.join(run_dir, SUMMARY)) as f:
         json.dump(summary, f, indent=2, allow_nan=False)
