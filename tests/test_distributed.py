@@ -27,6 +27,7 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 COMMON = ["--model", "test_resnet", "--pretrained", "none", "--image-size", "32", "--device", "cpu", "--quiet",
           "--lr", "0.05"]
 DELTA = ["--method", "delta"]
+WISE_FT = ["--method", "wise-ft", "--val-fraction", "0.25", "--iters", "2"]
 
 
 # --- the worker: runs in every torchrun process --------------------------------------------------------
@@ -173,6 +174,8 @@ def jobs(tmp_path_factory):
         # LwF's source head is trained outside the DDP-wrapped network: its gradient is averaged by a hook
         {"name": "lwf", "argv": argv("lwf", "--method", "lwf", "--alpha", 10, "--iters", 2, "--sync-bn", *ddp)},
         {"name": "co-tuning", "argv": argv("co-tuning", "--method", "co-tuning", "--iters", 2, "--sync-bn", *ddp)},
+        # WiSE-FT: its LP-FT run trains on both processes, rank 0 alone chooses the mixing
+        {"name": "wise-ft", "argv": argv("wise-ft", *WISE_FT, *tiny_attention, "--sync-bn", *ddp)},
         {"name": "interrupted", "argv": argv("resumed", *DELTA, *tiny_attention, "--epochs", 2, *ddp),
          "interrupt_rank": 1, "interrupt_at": INTERRUPT_AT},
         {"name": "resumed", "argv": argv("resumed", *DELTA, *tiny_attention, "--epochs", 2, "--resume", *ddp)},
@@ -267,6 +270,19 @@ def test_two_processes_with_sync_bn_take_the_single_process_step_on_the_global_b
     expected = json.loads((reference(name, *flags) / "summary.json").read_text())
     assert summary["test_top1"] == expected["test_top1"]
     assert summary["test_loss"] == pytest.approx(expected["test_loss"], abs=1e-4)
+
+
+def test_wise_ft_under_two_processes_interpolates_the_single_process_fine_tuning(jobs, reference):
+    flags = [*WISE_FT, "--attention-epochs", "1", "--attention-batch-size", "4"]
+    assert [r["codes"]["wise-ft"] for r in jobs["ranks"]] == [0, 0]
+    single, ddp = reference("wise-ft", *flags), jobs["base"] / "wise-ft"
+    params = [key for key, _ in initial_network().named_parameters()]
+    fine_tuned = state(ddp / "fine_tuned")
+    assert fine_tuned["world_size"] == 2
+    assert max_difference(fine_tuned["model"], state(single / "fine_tuned")["model"], params) < 1e-5
+    summary, expected = (json.loads((run / "summary.json").read_text()) for run in (ddp, single))
+    assert summary["wise_ft"]["val_top1"] == expected["wise_ft"]["val_top1"]
+    assert summary["test_top1"] == expected["test_top1"]
 
 
 def test_without_sync_bn_batchnorm_uses_each_process_slice_and_the_step_differs(jobs, reference):
