@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,18 @@ TINY_MODEL = "test_resnet"
 TINY_TRAIN_ARGS = ["--model", TINY_MODEL, "--pretrained", "none", "--image-size", "32", "--batch-size", "4",
                    "--epochs", "1", "--device", "cpu", "--quiet"]
 CLASS_COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 50, 230), "yellow": (230, 220, 40)}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _own_cache(tmp_path_factory):
+    """The suite's attention cache (and any download) in a temporary folder, not the user's ~/.cache."""
+    previous = os.environ.get("DELTATL_CACHE")
+    os.environ["DELTATL_CACHE"] = str(tmp_path_factory.mktemp("deltatl-cache"))
+    yield
+    if previous is None:
+        del os.environ["DELTATL_CACHE"]
+    else:
+        os.environ["DELTATL_CACHE"] = previous
 
 
 @pytest.fixture(autouse=True)

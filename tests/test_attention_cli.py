@@ -187,3 +187,16 @@ def test_attention_output_replaces_its_own_earlier_file(attention, image_folder,
     first = output.read_text()
     assert attention(image_folder(), output, "--out", tmp_path / "work").code == 0
     assert json.loads(output.read_text())["format"] == json.loads(first)["format"] == FORMAT
+
+
+def test_the_default_cache_is_deltatl_cache_else_xdg_cache_home_else_home(monkeypatch, tmp_path):
+    from deltatl.outputs import cache_dir
+
+    monkeypatch.setenv("DELTATL_CACHE", str(tmp_path / "mine"))
+    assert cache_dir("attention") == str(tmp_path / "mine" / "attention")
+    monkeypatch.delenv("DELTATL_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir("attention") == str(tmp_path / "xdg" / "deltatl" / "attention")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir() == str(tmp_path / "home" / ".cache" / "deltatl")

@@ -16,6 +16,14 @@ from typing import IO, Any
 from .errors import DeltatlError
 
 
+def cache_dir(*parts: str) -> str:
+    """A folder of deltatl's cache: ``$DELTATL_CACHE``, else ``$XDG_CACHE_HOME/deltatl``, else
+    ``~/.cache/deltatl`` (the test suite points ``DELTATL_CACHE`` at a temporary folder)."""
+    root = os.environ.get("DELTATL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "deltatl")
+    return os.path.join(root, *parts)
+
+
 def check_output_folder(path: str, command: str, own: Sequence[str],
                         also_own: Callable[[str], bool] = lambda name: False) -> None:
     """Refuse ``path`` unless it is absent, an empty folder, or a folder whose entries all match ``own``.

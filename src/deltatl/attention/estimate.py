@@ -31,6 +31,7 @@ from ..data import ImageCollection, TransformedImages
 from ..engine.fit import EpochSampler, epoch_steps, fit
 from ..engine.objective import Objective
 from ..modes import evaluating
+from ..outputs import cache_dir as deltatl_cache_dir
 from .scores import channel_attention_scores, read_scores, write_scores
 
 OFFICIAL_EPOCHS_PER_TENTH = 6  # channel_eval.py: ExponentialLR(gamma=0.1 ** (1 / 6)), stepped per epoch
@@ -56,7 +57,6 @@ class AttentionSettings:
 
     def key_fields(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "version": self.VERSION}
-DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "deltatl", "attention")
 
 
 def cache_key(fields: dict[str, Any], images: ImageCollection) -> str:
@@ -123,7 +123,7 @@ def fit_linear_probe(model: nn.Module, train: TransformedImages, *, work_dir: st
 def cached_channel_attention(cache_dir: str | None, key: str, layers: Sequence[str],
                              channels: dict[str, int], compute: Any, meta: dict[str, Any]) -> dict[str, Tensor]:
     """Read the raw scores for ``key`` from the cache, or ``compute()`` and store them."""
-    folder = cache_dir or DEFAULT_CACHE
+    folder = cache_dir or deltatl_cache_dir("attention")
     path = os.path.join(folder, f"{key}.json")
     if os.path.isfile(path):
         return read_scores(path, layers, channels)

@@ -1,7 +1,7 @@
 """Fashion-MNIST from its four gzipped idx files.
 
 Looked for in ``data_root`` if given, else where Debian's ``dataset-fashion-mnist`` package installed
-them (asked from ``dpkg -L``), else downloaded by torchvision into ``~/.cache/deltatl`` (needs internet).
+them (asked from ``dpkg -L``), else downloaded by torchvision into deltatl's cache (:func:`deltatl.outputs.cache_dir`) (needs internet).
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import subprocess
 import numpy as np
 
 from ..errors import DeltatlError
+from ..outputs import cache_dir
 from .images import ArrayImages
 
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -63,7 +64,7 @@ def find_folder(data_root: str | None) -> str:
     folder = _debian_folder()
     if folder and _has_files(folder):
         return folder
-    cache = os.path.join(os.path.expanduser("~"), ".cache", "deltatl")
+    cache = cache_dir()
     raw = os.path.join(cache, "FashionMNIST", "raw")
     if not _has_files(raw):
         from torchvision.datasets import FashionMNIST
