@@ -57,8 +57,8 @@ def finished_run(tmp_path_factory):
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        code = main(["train", "--data", str(data), *TINY_TRAIN_ARGS, "--epochs", "2", "--lr", "0.05",
-                     "--out", str(out)])
+        code = main(["train", "--data", str(data), *TINY_TRAIN_ARGS, "--method", "l2", "--epochs", "2", "--lr",
+                     "0.05", "--out", str(out)])
     finally:
         torch.set_num_threads(previous)
     assert code == 0
@@ -299,3 +299,15 @@ def test_compare_and_search_runs_write_tensorboard_events_too(cli, image_folder,
                "--folds", "2", "--tensorboard", "--out", tmp_path / "s").code == 0
     assert list((tmp_path / "s" / "trials").rglob("events.out.tfevents.*"))
     assert list((tmp_path / "s" / "refit").rglob("events.out.tfevents.*"))
+
+
+def test_without_a_method_train_fine_tunes_with_delta_and_says_where_its_alpha_comes_from(cli, image_folder,
+                                                                                          tmp_path):
+    """The default is the method that beat plain fine-tuning on the embedded default (README, Step 3)."""
+    run = tmp_path / "run"
+    result = cli("train", "--data", image_folder(), *TINY_TRAIN_ARGS, "--attention-epochs", "1",
+                 "--attention-batch-size", "4", "--out", run)
+    assert result.code == 0, result.err
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["method"] == "delta" and summary["alpha"] == 0.01
+    assert summary["alpha_from"].startswith("the authors' default")  # printed unless --quiet

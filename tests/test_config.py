@@ -151,12 +151,16 @@ def test_result_fields_leave_out_device_workers_and_out():
     assert fields != TrainConfig(lr=0.5).result_fields()
 
 
-def test_the_saved_config_reads_back_as_the_same_config(tmp_path):
-    config = TrainConfig(data="x", lr=0.003, weight_decay=1e-4, epochs=2, check_images=False)
+@pytest.mark.parametrize("method", ["l2", "delta"])
+def test_the_saved_config_reads_back_as_the_same_run(tmp_path, method):
+    config = TrainConfig(method=method, data="x", lr=0.003, weight_decay=1e-4, epochs=2, check_images=False)
     path = str(tmp_path / "config.yaml")
     dump_yaml(config, path)
     assert read_run_config(path) == config.result_fields()
-    assert make_config(load_yaml(path), {}) == config
+    read = make_config(load_yaml(path), {})
+    assert read.result_fields() == config.result_fields()
+    # the file records the alpha the run used: a default alpha reads back as given (same run)
+    assert read == (config if method == "l2" else dataclasses.replace(config, alpha=config.resolved_alpha()))
     assert yaml.safe_load(open(path))["weight_decay"] == 1e-4
 
 

@@ -149,7 +149,7 @@ def _method_options(parser: argparse.ArgumentParser, d: TrainConfig) -> None:
     add("--no-attention-bn-train", dest="attention_bn_train", action="store_false",
         help="freeze BatchNorm statistics during the L2-FE fit (the official code let them adapt)")
     add("--attention-temperature", type=float, help=f"softmax temperature (default {d.attention_temperature})")
-    add("--attention-cache", help="folder of cached raw scores (default ~/.cache/deltatl/attention)")
+    add("--attention-cache", help="folder of cached raw scores (default ~/.cache/deltatl/attention; $DELTATL_CACHE/attention when set)")
 
 
 def _optimisation_options(parser: argparse.ArgumentParser, d: TrainConfig) -> None:
