@@ -273,12 +273,21 @@ def test_rerunning_the_search_reuses_every_run(searched, tiny_data, cli, monkeyp
     assert again.out.startswith(files["search.md"].decode())
 
 
+def test_without_a_grid_alpha_is_searched_around_the_methods_default(tiny_data, tmp_path, cli):
+    out = tmp_path / "out"
+    result = cli("search", "--data", tiny_data, *[a for a in TINY_TRAIN_ARGS if a != "--quiet"], "--method",
+                 "l2-sp", "--folds", "2", "--out", out, "--poll", "0.2")
+    assert result.code == 0, result.err
+    assert json.loads((out / "search.json").read_text())["grid"] == {"alpha": [0.001, 0.01, 0.1]}
+    assert "no grid given: alpha 0.001 0.01 0.1 (l2-sp's alpha, 0.01, and a decade either side)" in result.err
+
+
 # --- bad input: one line, exit status 2 ----------------------------------------------------------
 
 
 @pytest.mark.parametrize("extra, message", [
     (["--method", "nope", "--alpha-grid", "0.1"], "unknown method 'nope'"),
-    (["--method", "l2-sp"], "the grid is empty"),
+    (["--method", "l2"], "method 'l2' has no alpha: give a grid"),
     (["--method", "l2-sp", "--alpha-grid", "0.1", "x"], "--alpha-grid: 'x' is not a number"),
     (["--method", "l2", "--alpha-grid", "0.1"], "method 'l2' has no alpha or beta to search"),
     (["--method", "l2-sp", "--alpha-grid", "0.1", "--folds", "7"], "class 'blue' has 6 training images, "

@@ -267,7 +267,9 @@ def _add_search_command(sub: Any) -> None:
     """``deltatl search``: a grid or ranges, folds, the shared study."""
     p = sub.add_parser("search", help="alpha (and beta, lr) of one method by k-fold cross-validation, "
                                       "then a refit evaluated on the test split (Optuna)")
-    p.add_argument("--alpha-grid", nargs="*", default=None, help="candidate alphas, e.g. 1e-4 1e-3 1e-2")
+    p.add_argument("--alpha-grid", nargs="*", default=None,
+                   help="candidate alphas, e.g. 1e-4 1e-3 1e-2 (default, with no grid or range: the method's "
+                        "alpha and a decade either side)")
     p.add_argument("--beta-grid", nargs="*", default=None, help="candidate betas (default: --beta alone)")
     p.add_argument("--lr-grid", nargs="*", default=None, help="candidate learning rates (default: --lr alone)")
     p.add_argument("--alpha-range", nargs=2, type=float, metavar=("LOW", "HIGH"),
@@ -382,7 +384,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
     from .run import open_splits, train_run
     from .config import parse_grid_values
-    from .search import Grid, check_search, markdown, search
+    from .search import Grid, check_search, default_alpha_grid, markdown, search
 
     _given_grids(args)
     # Every training image takes part in the folds unless a held-out validation split is asked for.
@@ -395,6 +397,11 @@ def cmd_search(args: argparse.Namespace) -> int:
         if grid.names():
             raise DeltatlError("give either grids (--alpha-grid ...) or ranges (--alpha-range ...), not both")
         return _sampled_search(args, base, out)
+    if not grid.names():
+        grid = dataclasses.replace(grid, alpha=default_alpha_grid(base))
+        if grid.alpha and not args.quiet:
+            print(f"deltatl search: no grid given: alpha {' '.join(f'{a:g}' for a in grid.alpha)} "
+                  f"({base.method}'s alpha, {base.resolved_alpha():g}, and a decade either side)", file=sys.stderr)
     check_search(base, grid, args.folds, out)  # before the data is opened
     import optuna
 

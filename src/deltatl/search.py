@@ -129,6 +129,14 @@ def choose(scores: Sequence[Sequence[float]]) -> int:
     return max(range(len(means)), key=lambda i: means[i])  # max() keeps the first of equal keys
 
 
+def default_alpha_grid(base: TrainConfig) -> tuple[float, ...]:
+    """The alphas searched when no grid is given: the run's alpha (the method's default unless given)
+    and a decade either side, as the evidence searched them (README, "Measured on the embedded default");
+    empty for a method without alpha."""
+    alpha = base.resolved_alpha()
+    return () if alpha is None else tuple(float(f"{alpha * factor:.6g}") for factor in (0.1, 1, 10))
+
+
 def check_search(base: TrainConfig, grid: Grid, folds: int, out: str) -> list[dict[str, float]]:
     """Validate the search before anything is written; return the grid points."""
     method = get_method(base.method)
@@ -136,7 +144,8 @@ def check_search(base: TrainConfig, grid: Grid, folds: int, out: str) -> list[di
         raise DeltatlError("the base settings of a search must not set cv_folds / cv_fold")
     points = grid.points()
     if not points:
-        raise DeltatlError("the grid is empty: give values to `alpha_grid` (and optionally `beta_grid`, `lr_grid`)")
+        raise DeltatlError(f"method '{base.method}' has no alpha: give a grid (`lr_grid`) or choose a method with "
+                           f"alpha")
     if (grid.alpha and not method.uses("alpha")) or (grid.beta and not method.uses("beta")):
         raise DeltatlError(f"method '{base.method}' has no alpha or beta to search "
                            f"(l2-sp, delta-noatt and delta have; `lr_grid` works with any method)")
