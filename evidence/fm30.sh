@@ -87,7 +87,8 @@ stage_beyond() {  # the methods beyond the papers (issue: BSS, LwF, Co-Tuning, S
   # two processes of about equal work: wise-ft interpolates lp-ft's runs; lwf, co-tuning and delta+bss run the source too
   compare "$OUT/compare" "l2 l2-fe lp-ft wise-ft stochnorm bss" "lwf co-tuning delta delta+bss" \
     --alpha-grid "bss=$(chosen $OUT/search/bss)" "lwf=$(chosen $OUT/search/lwf)" \
-    "co-tuning=$(chosen $OUT/search/co-tuning)"
+    "co-tuning=$(chosen $OUT/search/co-tuning)" "delta=$(chosen $OUT/search/delta)" \
+    "delta+bss=$(chosen $OUT/search/delta)"  # delta's runs are stage compare's; bss joins at its authors' weight
 }
 
 stages=("$@")
