@@ -282,6 +282,22 @@ def test_without_a_grid_alpha_is_searched_around_the_methods_default(tiny_data, 
     assert "no grid given: alpha 0.001 0.01 0.1 (l2-sp's alpha, 0.01, and a decade either side)" in result.err
 
 
+def test_a_wider_grid_as_another_study_in_the_folder_trains_only_the_new_points(tiny_data, tmp_path, cli):
+    out = tmp_path / "out"
+    argv = ["search", "--data", tiny_data, *TINY_TRAIN_ARGS, "--method", "l2-sp", "--folds", "2", "--out", out,
+            "--poll", "0.2"]
+    assert cli(*argv, "--alpha-grid", "0.1", "0.01").code == 0
+    first = {p: p.stat().st_mtime_ns for p in out.glob("trials/*/fold*/checkpoint.pt")}
+    assert len(first) == 4
+    refused = cli(*argv, "--alpha-grid", "0.1", "0.01", "0.001")
+    assert refused.code == 2 and "choose another --study-name (a wider grid then reuses" in refused.err
+    wider = cli(*argv, "--alpha-grid", "0.1", "0.01", "0.001", "--study-name", "wider")
+    assert wider.code == 0, wider.err
+    assert {p: p.stat().st_mtime_ns for p in first} == first  # reused, not trained again
+    assert len(list(out.glob("trials/*/fold*/summary.json"))) == 6
+    assert json.loads((out / "search.json").read_text())["grid"] == {"alpha": [0.1, 0.01, 0.001]}
+
+
 # --- bad input: one line, exit status 2 ----------------------------------------------------------
 
 

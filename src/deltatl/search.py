@@ -523,7 +523,8 @@ def _check_spec(study: optuna.Study, spec: dict[str, Any], where: str) -> None:
         k for k in spec["config"] if was.get(k) != spec["config"][k]})
     if changed:
         raise DeltatlError(f"study '{study.study_name}' in {where} holds another search (differs in: "
-                           f"{', '.join(changed)}); choose another `study_name` (or `out`)")
+                           f"{', '.join(changed)}); choose another `study_name` (a wider grid then reuses the "
+                           f"folder's finished runs) or `out`")
 
 
 def markdown(results: dict[str, Any]) -> str:
