@@ -85,7 +85,9 @@ stage_beyond() {  # the methods beyond the papers (issue: BSS, LwF, Co-Tuning, S
   # gets one more decade on that side, as a study of its own in the same folder (finished runs reused)
   search bss "$OUT/search/bss" --alpha-grid 0.00001 0.0001 0.001 0.01 --study-name deltatl-search-extended
   search lwf "$OUT/search/lwf" --alpha-grid 0.01 0.1 1 4 --study-name deltatl-search-extended
-  search co-tuning "$OUT/search/co-tuning" --alpha-grid 0.5 2.3 5
+  # Co-Tuning's grid reaches down to 0.1 from the start: LwF, the other source-classifier term, did best
+  # with its smallest weight
+  search co-tuning "$OUT/search/co-tuning" --alpha-grid 0.1 0.5 2.3 5
   # two processes of about equal work: wise-ft interpolates lp-ft's runs; lwf, co-tuning and delta+bss run the source too
   compare "$OUT/compare" "l2 l2-fe lp-ft wise-ft stochnorm bss" "lwf co-tuning delta delta+bss" \
     --alpha-grid "bss=$(chosen $OUT/search/bss)" "lwf=$(chosen $OUT/search/lwf)" \
