@@ -70,6 +70,8 @@ def test_a_wise_ft_run_reports_the_ensemble_that_eval_reproduces(cli, image_fold
     expected = interpolate(probe, fine_tuned, chosen)
     assert all(torch.allclose(ensemble["model"][k].float(), expected[k].float(), atol=1e-6) for k in expected)
     assert ensemble["run_info"]["method"] == "wise-ft"
+    fine_tuning = json.loads((run / "fine_tuned" / "summary.json").read_text())
+    assert summary["seconds"] > fine_tuning["seconds"]  # its cost: the LP-FT run's and the ensemble's
     evaluated = cli("eval", run)
     assert evaluated.code == 0
     assert f"top-1 {summary['test_top1']:.2f}%" in evaluated.out

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -310,7 +311,8 @@ def finish_weight_ensemble(config: TrainConfig, fine_tuning: TrainConfig, splits
     """WiSE-FT's last stage: theta(a) = (1 - a) theta_probe + a theta_ft with a chosen on the validation
     split, the test split scored once with it, the ensemble's weights in the run's checkpoint (what
     ``deltatl eval`` reads) and its summary. theta_probe is the LP-FT run's linear probe (finished there:
-    reused), theta_ft its final weights."""
+    reused), theta_ft its final weights. Its ``seconds`` are the LP-FT run's plus this stage's."""
+    started = time.perf_counter()
     fit_dir = str(fine_tuning.out)
     model = target_model(config, len(splits.classes))
     train_set, val_set, test_set = split_datasets(config, splits, model)
@@ -335,7 +337,7 @@ def finish_weight_ensemble(config: TrainConfig, fine_tuning: TrainConfig, splits
         out.write(f.read())  # the fine-tuning's curves, for the report
     fine_tuned = {k: v for k, v in summary.items() if k not in info and k != "reused"}
     summary = {**fine_tuned, **info, "val_top1": val["top1"], "val_loss": val["loss"], "test_top1": test["top1"],
-               "test_loss": test["loss"],
+               "test_loss": test["loss"], "seconds": round(summary["seconds"] + time.perf_counter() - started, 2),
                "wise_ft": {"mixing": mixing, "val_top1": {f"{a:g}": v for a, v in val_top1.items()},
                            "fine_tuned": os.path.relpath(fit_dir, run_dir),
                            "fine_tuned_val_top1": summary["val_top1"]}}
