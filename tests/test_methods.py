@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -83,3 +84,17 @@ def test_lp_ft_plus_delta_scores_attention_on_the_fresh_head_as_plain_delta_does
     fits = list((run / "attention_fe").iterdir())
     assert len(fits) == 1 and torch.load(fits[0] / "checkpoint.pt", weights_only=True)["done"]
     assert len((fits[0] / "metrics.jsonl").read_text().splitlines()) == 1  # one epoch, trained once
+
+
+def test_compare_interpolates_its_own_lp_ft_plus_delta_runs_for_wise_ft_plus_delta(cli, image_folder, tmp_path):
+    out = tmp_path / "cmp"
+    result = cli("compare", "--data", image_folder(val=2), *TINY_TRAIN_ARGS, "--epochs", "2", "--delta-layers",
+                 "layer1", "--attention-epochs", "1", "--attention-batch-size", "4", "--attention-cache",
+                 tmp_path / "cache", "--methods", "lp-ft+delta", "wise-ft+delta", "--seeds", "1", "--out", out)
+    assert result.code == 0, result.err
+    wise = json.loads(next((out / "wise-ft+delta").rglob("summary.json")).read_text())
+    lp_ft = next((out / "lp-ft+delta").rglob("summary.json"))
+    assert not list((out / "wise-ft+delta").rglob("fine_tuned"))  # no second fine-tuning
+    assert wise["wise_ft"]["fine_tuned_val_top1"] == json.loads(lp_ft.read_text())["val_top1"]
+    assert os.path.samefile(os.path.join(next((out / "wise-ft+delta").rglob("summary.json")).parent,
+                                         wise["wise_ft"]["fine_tuned"]), lp_ft.parent)
