@@ -88,11 +88,15 @@ stage_beyond() {  # the methods beyond the papers (issue: BSS, LwF, Co-Tuning, S
   # Co-Tuning's grid reaches down to 0.1 from the start: LwF, the other source-classifier term, did best
   # with its smallest weight
   search co-tuning "$OUT/search/co-tuning" --alpha-grid 0.1 0.5 2.3 5
-  # two processes of about equal work: wise-ft interpolates lp-ft's runs; lwf, co-tuning and delta+bss run the source too
-  compare "$OUT/compare" "l2 l2-fe lp-ft wise-ft stochnorm bss" "lwf co-tuning delta delta+bss" \
+  # two processes of about equal work (wise-ft interpolates lp-ft's runs, wise-ft+delta lp-ft+delta's;
+  # stochnorm costs 1.4 l2 steps, the methods with the source network 1.2); delta's runs are stage
+  # compare's; the compositions with delta take its alpha, bss joins at its authors' weight
+  local delta; delta=$(chosen $OUT/search/delta)
+  compare "$OUT/compare" "l2 l2-fe lp-ft wise-ft stochnorm lp-ft+delta wise-ft+delta" \
+    "bss lwf co-tuning delta delta+bss" \
     --alpha-grid "bss=$(chosen $OUT/search/bss)" "lwf=$(chosen $OUT/search/lwf)" \
-    "co-tuning=$(chosen $OUT/search/co-tuning)" "delta=$(chosen $OUT/search/delta)" \
-    "delta+bss=$(chosen $OUT/search/delta)"  # delta's runs are stage compare's; bss joins at its authors' weight
+    "co-tuning=$(chosen $OUT/search/co-tuning)" "delta=$delta" "delta+bss=$delta" "lp-ft+delta=$delta" \
+    "wise-ft+delta=$delta"
 }
 
 stages=("$@")
