@@ -186,6 +186,35 @@ def test_trials_of_dead_workers_are_failed_and_run_again(tmp_path):
     assert [states[n] for n in held.values()] == ["FAIL", "FAIL"]
 
 
+def test_a_worker_that_leaves_when_idle_leaves_the_running_trials_and_the_results_to_their_worker(tmp_path):
+    import optuna
+
+    from deltatl.search import _host_token
+
+    score = lambda a, f: {0.1: 30.0, 0.01: 40.0, 0.001: 35.0}[a] + f  # noqa: E731
+    with pytest.raises(KeyboardInterrupt):  # creates and fills the study, then stops
+        fake_search(tmp_path / "s", FakeTrainer(score, fail_on_call=1))
+    other = subprocess.Popen(["sleep", "60"])  # another worker of this host, alive, holding one trial
+    try:
+        storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 's' / 'study.db'}")
+        study_id = storage.get_study_id_from_name("deltatl-search")
+        held = storage.get_all_trials(study_id, states=(optuna.trial.TrialState.WAITING,))[0]
+        assert storage.set_trial_state_values(held._trial_id, optuna.trial.TrialState.RUNNING)
+        storage.record_heartbeat(held._trial_id)
+        storage.set_trial_user_attr(held._trial_id, "worker", f"{_host_token()}|{other.pid}")
+        leaving = FakeTrainer(score)
+        assert fake_search(tmp_path / "s", leaving, leave_when_idle=True) is None
+        assert len(leaving.fold_calls()) == 5 and leaving.refits() == []  # every fold but the held one
+        assert not (tmp_path / "s" / "search.json").exists()
+    finally:
+        other.kill()
+        other.wait()
+    last = FakeTrainer(score)  # the held trial's worker is gone: it runs again, then the refit
+    results = fake_search(tmp_path / "s", last, leave_when_idle=True)
+    assert results["chosen"] == {"alpha": 0.01} and len(last.fold_calls()) == 1 and last.refits() == [0.01]
+    assert (tmp_path / "s" / "search.json").exists()
+
+
 # --- the real command on a tiny model: choice verified from the fold runs, refit, resume -------------
 
 
@@ -306,6 +335,7 @@ def test_a_wider_grid_as_another_study_in_the_folder_trains_only_the_new_points(
     (["--method", "l2"], "method 'l2' has no alpha: give a grid"),
     (["--method", "l2-sp", "--alpha-grid", "0.1", "x"], "--alpha-grid: 'x' is not a number"),
     (["--method", "l2", "--alpha-grid", "0.1"], "method 'l2' has no alpha or beta to search"),
+    (["--method", "l2-sp", "--alpha-range", "0.001", "0.1", "--leave-when-idle"], "--leave-when-idle is for grids"),
     (["--method", "l2-sp", "--alpha-grid", "0.1", "--folds", "7"], "class 'blue' has 6 training images, "
                                                                    "fewer than the 7 folds"),
     (["--method", "l2-sp", "--alpha-grid", "0.1", "--storage", "nonsense"], "cannot open --storage nonsense"),

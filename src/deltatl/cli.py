@@ -287,6 +287,9 @@ def _add_search_command(sub: Any) -> None:
     p.add_argument("--storage", help="study database shared by workers on several machines, e.g. "
                                      "postgresql://user:password@host/db (default: SQLite file in --out)")
     p.add_argument("--study-name", default="deltatl-search", help="default deltatl-search")
+    p.add_argument("--leave-when-idle", action="store_true",
+                   help="grid mode: exit once nothing is left to start while other workers run the last trials "
+                        "(the last of them writes the results) instead of waiting for them")
     p.add_argument("--poll", type=float, default=10.0,
                    help="seconds between looks for work while other workers run the last trials (default 10)")
     p.add_argument("--config", help="YAML file of shared settings")
@@ -396,6 +399,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     if any(ranges):
         if grid.names():
             raise DeltatlError("give either grids (--alpha-grid ...) or ranges (--alpha-range ...), not both")
+        if args.leave_when_idle:
+            raise DeltatlError("--leave-when-idle is for grids: with ranges every worker samples until --trials")
         return _sampled_search(args, base, out)
     if not grid.names():
         grid = dataclasses.replace(grid, alpha=default_alpha_grid(base))
@@ -408,7 +413,11 @@ def cmd_search(args: argparse.Namespace) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own one-line progress instead
     results = search(base, open_splits(base, progress=not args.quiet).train, grid, out, folds=args.folds,
                      storage=args.storage, study_name=args.study_name, poll_seconds=args.poll,
-                     train=lambda c: train_run(c, resume=args.resume, progress=not args.quiet))
+                     train=lambda c: train_run(c, resume=args.resume, progress=not args.quiet),
+                     leave_when_idle=args.leave_when_idle)
+    if results is None:
+        print(f"(this worker is done; the study's last worker writes search.md in {out})")
+        return 0
     print(markdown(results), end="")
     print(f"(search.json, search.md, the folds and every run directory in {out})")
     return 0

@@ -27,7 +27,9 @@ Sharing the work (Optuna)
     A fold trial's value is its validation top-1; the refit trial's is the chosen point's mean over
     the folds (so the study's best value stays a validation score), its test top-1 a user attribute.
 
-    A worker with nothing to take waits (polling) for the trials running elsewhere. A trial whose
+    A worker with nothing to take waits (polling) for the trials running elsewhere, or, with
+    ``leave_when_idle``, leaves them to their workers (the last one runs the refit and writes the
+    results), free for other work: a queue of searches on a few machines keeps every one busy. A trial whose
     worker died is failed after its heartbeat (timed by the database's clock) stops for the grace
     period, or at once by a worker on the same host that sees its process gone; its key is then
     enqueued again, and its run directory, if on this machine, resumes from its checkpoint
@@ -294,8 +296,10 @@ class _Search:
 
     def __init__(self, base: TrainConfig, grid: Grid, points: list[dict[str, float]], folds: int, out: str,
                  study: optuna.Study, storage: Any, train: Callable[[TrainConfig], dict[str, Any]],
-                 poll_seconds: float, heartbeat_seconds: float, log: Callable[[str], None]):
+                 poll_seconds: float, heartbeat_seconds: float, log: Callable[[str], None],
+                 leave_when_idle: bool = False):
         self.base, self.grid, self.points, self.folds, self.out = base, grid, points, folds, out
+        self.leave_when_idle = leave_when_idle
         self.study, self.storage, self.train, self.log = study, storage, train, log
         self.poll_seconds, self.heartbeat_seconds = poll_seconds, heartbeat_seconds
         self.study_id = storage.get_study_id_from_name(study.study_name)
@@ -357,8 +361,8 @@ class _Search:
 
     # --- the work -------------------------------------------------------------------------------
 
-    def run(self) -> dict[str, Any]:
-        """Take and run trials until the refit is complete; return the results."""
+    def run(self) -> dict[str, Any] | None:
+        """Take and run trials until the refit is complete; return the results (None: left idle)."""
         waiting_for: int | None = None
         while True:
             self._fail_dead_trials()
@@ -369,6 +373,10 @@ class _Search:
             taken = self._take()
             if taken is None:
                 running = sum(t.state == TrialState.RUNNING for t in board.trials)
+                if self.leave_when_idle and running:
+                    self.log(f"nothing left to start: leaving {running} running trial(s) to their workers (the "
+                             f"last one writes the results)")
+                    return None
                 if running != waiting_for:
                     self.log(f"waiting for {running} trial(s) running on other workers")
                     waiting_for = running
@@ -459,7 +467,8 @@ class _Search:
 def search(base: TrainConfig, train_split: ImageCollection, grid: Grid, out: str, *, folds: int = 5,
            storage: str | None = None, study_name: str = DEFAULT_STUDY,
            train: Callable[[TrainConfig], dict[str, Any]], poll_seconds: float = 10.0,
-           heartbeat_seconds: int = 60, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+           heartbeat_seconds: int = 60, log: Callable[[str], None] | None = None,
+           leave_when_idle: bool = False) -> dict[str, Any] | None:
     """Run one worker of a cross-validated grid search, until the study's refit is done; return the results.
 
     Args:
@@ -474,6 +483,8 @@ def search(base: TrainConfig, train_split: ImageCollection, grid: Grid, out: str
         poll_seconds: how often a worker with nothing to take looks again.
         heartbeat_seconds: heartbeat period of a running trial; after 5 missed periods another worker
             fails the trial and its (point, fold) is run again.
+        leave_when_idle: return None, results unwritten, once nothing is left to start while other
+            workers still run trials (instead of waiting for them).
     """
     log = log or (lambda msg: print(f"deltatl search: {msg}", file=sys.stderr))
     points = check_search(base, grid, folds, out)
@@ -490,9 +501,12 @@ def search(base: TrainConfig, train_split: ImageCollection, grid: Grid, out: str
     _check_spec(study, _spec(base, grid, folds, train_split, fold_lists), redact(url))
     os.makedirs(out, exist_ok=True)
     write_folds(os.path.join(out, "folds"), train_split, fold_lists)
-    worker = _Search(base, grid, points, folds, out, study, rdb, train, poll_seconds, heartbeat_seconds, log)
+    worker = _Search(base, grid, points, folds, out, study, rdb, train, poll_seconds, heartbeat_seconds, log,
+                     leave_when_idle)
     log(f"study '{study_name}' in {redact(url)}: {len(worker.jobs)} fold runs + 1 refit")
     results = worker.run()
+    if results is None:
+        return None
     results["storage"] = stored_where(storage)
     write_results(out, results)
     return results
