@@ -33,6 +33,19 @@ search() {
   cat "$out/search.md"
 }
 
+# search_worker METHOD OUT [flags...]: one worker of a search, leaving it once nothing is left to start
+# (the study's last worker runs the refit and writes search.md), free for the next search of its queue
+search_worker() {
+  local method=$1 out=$2; shift 2
+  "$DELTATL" search --method "$method" --folds 5 "${COMMON[@]}" "$@" --out "$out" --leave-when-idle >/dev/null
+}
+
+two_workers() {  # run the queue of searches in function $1 on two processes at once
+  "$1" & local other=$!
+  "$1"
+  wait "$other"
+}
+
 chosen() {  # the alpha a finished search chose
   python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["chosen"]["alpha"])' "$1/search.json"
 }
@@ -79,15 +92,20 @@ stage_rifle() {  # RIFLE on its authors' recipe: 40 epochs, cosine learning rate
     --alpha-grid "l2-sp=$(chosen $OUT/search/l2-sp)"
 }
 
-stage_beyond() {  # the methods beyond the papers (issue: BSS, LwF, Co-Tuning, StochNorm, LP-FT, WiSE-FT)
-  # each weight by 5-fold CV around its authors' default, then one table with the papers' methods
+beyond_searches() {
   # BSS and LwF chose the smallest weight of their first grids (0.0001 0.001 0.01, 0.1 1 4): each grid
   # gets one more decade on that side, as a study of its own in the same folder (finished runs reused)
-  search bss "$OUT/search/bss" --alpha-grid 0.00001 0.0001 0.001 0.01 --study-name deltatl-search-extended
-  search lwf "$OUT/search/lwf" --alpha-grid 0.01 0.1 1 4 --study-name deltatl-search-extended
+  search_worker bss "$OUT/search/bss" --alpha-grid 0.00001 0.0001 0.001 0.01 --study-name deltatl-search-extended
+  search_worker lwf "$OUT/search/lwf" --alpha-grid 0.01 0.1 1 4 --study-name deltatl-search-extended
   # Co-Tuning's grid reaches down to 0.1 from the start: LwF, the other source-classifier term, did best
   # with its smallest weight
-  search co-tuning "$OUT/search/co-tuning" --alpha-grid 0.1 0.5 2.3 5
+  search_worker co-tuning "$OUT/search/co-tuning" --alpha-grid 0.1 0.5 2.3 5
+}
+
+stage_beyond() {  # the methods beyond the papers (issue: BSS, LwF, Co-Tuning, StochNorm, LP-FT, WiSE-FT)
+  # each weight by 5-fold CV around its authors' default, then one table with the papers' methods
+  two_workers beyond_searches
+  cat "$OUT"/search/{bss,lwf,co-tuning}/search.md
   # two processes of about equal work (wise-ft interpolates lp-ft's runs, wise-ft+delta lp-ft+delta's;
   # stochnorm costs 1.4 l2 steps, the methods with the source network 1.2); delta's runs are stage
   # compare's; the compositions with delta take its alpha, bss joins at its authors' weight
