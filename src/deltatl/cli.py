@@ -194,10 +194,12 @@ def _optimisation_options(parser: argparse.ArgumentParser, d: TrainConfig) -> No
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deltatl", description="Regularized transfer learning of "
-                                     "pretrained CNNs (DELTA, L2-SP, L2-FE, RIFLE).")
+                                     "pretrained CNNs: DELTA, L2-SP, L2-FE, RIFLE and BSS, LwF, Co-Tuning, "
+                                     "StochNorm, LP-FT, WiSE-FT.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="fine-tune a pretrained network on a dataset")
+    p = sub.add_parser("train", help="fine-tune a pretrained network on a dataset (DELTA unless --method says "
+                                     "otherwise)")
     p.add_argument("--config", help="YAML file of settings (flags given here override it)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
