@@ -78,9 +78,14 @@ stage_compare() {
     "delta=$(chosen $OUT/search/delta)"
 }
 
+relative_searches() {
+  search_worker delta-noatt "$OUT/search/delta-noatt-relative" "${RELATIVE[@]}" --alpha-grid 0.01 0.1 1 3
+  search_worker delta "$OUT/search/delta-relative" "${RELATIVE[@]}" --alpha-grid 0.01 0.1 1 3
+}
+
 stage_relative() {  # the alternative DELTA term (relative, source on batch statistics): its own CV, same baselines
-  search delta-noatt "$OUT/search/delta-noatt-relative" "${RELATIVE[@]}" --alpha-grid 0.01 0.1 1 3
-  search delta "$OUT/search/delta-relative" "${RELATIVE[@]}" --alpha-grid 0.01 0.1 1 3
+  two_workers relative_searches
+  cat "$OUT"/search/{delta-noatt,delta}-relative/search.md
   compare "$OUT/compare" "l2 l2-fe l2-sp" "delta-noatt delta" "${RELATIVE[@]}" \
     --alpha-grid "l2-sp=$(chosen $OUT/search/l2-sp)" "delta-noatt=$(chosen $OUT/search/delta-noatt-relative)" \
     "delta=$(chosen $OUT/search/delta-relative)"
