@@ -236,3 +236,23 @@ def test_rifles_switches_are_not_part_of_a_run_without_rifle():
         TrainConfig(method="delta").result_fields()
     assert TrainConfig(method="delta", rifle=3, rifle_cyclic_lr=True).result_fields() != \
         TrainConfig(method="delta", rifle=3).result_fields()
+
+
+def test_a_run_records_the_epochs_it_trains_so_a_new_default_never_reuses_an_old_run(tmp_path):
+    from deltatl.run import _prepare_run_dir
+
+    assert TrainConfig().result_fields()["epochs"] == TrainConfig.DEFAULT_EPOCHS
+    assert TrainConfig(iters=5).result_fields()["epochs"] is None
+    # a run written when the default was not recorded (epochs: null) and trained: not this run
+    old = {**TrainConfig(data="x").result_fields(), "epochs": None}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    (tmp_path / "summary.json").write_text("{}")
+    with pytest.raises(DeltatlError, match="differs in: epochs"):
+        _prepare_run_dir(str(tmp_path), TrainConfig(data="x"), resume=True)
+
+
+def test_a_composition_records_its_resolved_alpha_and_only_the_settings_it_uses():
+    fields = TrainConfig(method="delta+bss").result_fields()
+    assert fields["alpha"] == TrainConfig(method="delta").resolved_alpha()
+    assert "delta_reduction" in fields
+    assert "delta_reduction" not in TrainConfig(method="l2-sp+bss").result_fields()

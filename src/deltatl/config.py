@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from .engine.objective import SOURCE_BN_MODES
-from .methods import METHODS, get_method
+from .methods import Method, get_method
 from .errors import DeltatlError
 from .models import EMBEDDED_MODEL
 from .outputs import atomic_open
@@ -124,7 +124,7 @@ class TrainConfig:
     attention_cache: str | None = None  # default ~/.cache/deltatl/attention (deltatl.outputs.cache_dir)
     tensorboard: bool = False  # TensorBoard event files in the run directory
 
-    DEFAULT_EPOCHS = 10
+    DEFAULT_EPOCHS = 40  # the budget of README's measurements (the paper's: tens of epochs)
 
     def __post_init__(self) -> None:
         for name, low in (("image_size", 8), ("batch_size", 1), ("eval_every", 1), ("workers", 0)):
@@ -205,7 +205,10 @@ class TrainConfig:
                 "l2sp_fused"}
         if not self.rifle:  # RIFLE's switches do nothing without re-initialisations
             skip |= {"rifle_reset_momentum", "rifle_cyclic_lr"}
-        method = METHODS.get(self.method)
+        try:
+            method: Method | None = get_method(self.method)  # a composition (delta+bss) too
+        except DeltatlError:
+            method = None
         if method is not None:
             if not method.uses("alpha"):
                 skip |= {"alpha"}
@@ -220,6 +223,8 @@ class TrainConfig:
         values = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
         if "alpha" in values and method is not None:
             values["alpha"] = self.resolved_alpha()
+        if self.epochs is None and self.iters is None:  # what the run trains, not "the default of its day"
+            values["epochs"] = self.DEFAULT_EPOCHS
         return values
 
 
