@@ -97,6 +97,9 @@ def test_wise_ft_from_a_finished_lp_ft_run_reuses_it_and_equals_its_own_fine_tun
     other = cli("train", *flags, "--method", "wise-ft", "--fine-tuned", lp_ft, "--seed", "1", "--out",
                 tmp_path / "other")
     assert other.code != 0 and "differs in: seed" in other.err and "Traceback" not in other.err
+    # nor can the run interpolate itself
+    itself = cli("train", *flags, "--method", "wise-ft", "--fine-tuned", tmp_path / "self", "--out", tmp_path / "self")
+    assert itself.code != 0 and "not this run's own folder" in itself.err
     # and a method that interpolates nothing refuses it
     refused = cli("train", *flags, "--method", "l2", "--fine-tuned", lp_ft, "--out", tmp_path / "l2")
     assert refused.code != 0 and "wise-ft" in refused.err

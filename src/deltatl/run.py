@@ -297,6 +297,8 @@ def weight_ensemble_run(config: TrainConfig, splits: DataSplits, run_dir: str, *
     if not len(splits.val):
         raise DeltatlError("wise-ft chooses its mixing coefficient on the validation split: give "
                            "`val_per_class` or `val_fraction`")
+    if config.fine_tuned and os.path.abspath(config.fine_tuned) == os.path.abspath(run_dir):
+        raise DeltatlError(f"`fine_tuned` is the LP-FT run to interpolate, not this run's own folder {run_dir}")
     with claimed(run_dir, config, splits, dist):
         fine_tuning = dataclasses.replace(config, method=fine_tuning_of(config.method), fine_tuned=None,
                                           out=config.fine_tuned or os.path.join(run_dir, "fine_tuned"))
