@@ -118,6 +118,15 @@ def test_a_study_recorded_by_another_deltatl_version_takes_workers_while_what_a_
                train=FakeTrainer(lambda a, f: 1.0), poll_seconds=0.05, log=lambda msg: None)
 
 
+def test_an_empty_grid_given_to_the_library_is_refused_with_the_default_to_use(tmp_path):
+    from deltatl.search import default_alpha_grid
+
+    with pytest.raises(DeltatlError, match="the grid is empty"):
+        fake_search(tmp_path / "s", FakeTrainer(lambda a, f: 1.0), alphas=())
+    assert default_alpha_grid(TrainConfig(method="l2-sp")) == (0.001, 0.01, 0.1)
+    assert default_alpha_grid(TrainConfig(method="l2")) == ()
+
+
 def test_a_tie_goes_to_the_earlier_grid_value_in_the_order_given(tmp_path):
     # 0.1 and 0.001 tie: 0.1 comes first in the grid (it is neither the smallest nor the first value)
     trainer = FakeTrainer(lambda a, f: {0.01: 40.0, 0.1: 50.0 + f, 0.001: 51.0 - f}[a])

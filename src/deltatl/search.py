@@ -145,6 +145,9 @@ def check_search(base: TrainConfig, grid: Grid, folds: int, out: str) -> list[di
     if base.cv_folds is not None:
         raise DeltatlError("the base settings of a search must not set cv_folds / cv_fold")
     points = grid.points()
+    if not points and method.uses("alpha"):
+        raise DeltatlError("the grid is empty: give values to `alpha_grid` (default_alpha_grid(base) is the "
+                           "command line's default)")
     if not points:
         raise DeltatlError(f"method '{base.method}' has no alpha: give a grid (`lr_grid`) or choose a method with "
                            f"alpha")
