@@ -353,8 +353,9 @@ def test_bad_numbers_are_refused_where_they_are_parsed_with_one_line(train, imag
     (["compare", "--methods", "l2-sp", "--alpha-grid", "l2-sp="], "bad --alpha-grid item"),
     (["search", "--method", "l2-sp", "--alpha-grid"], "--alpha-grid needs at least one value"),
     (["search", "--method", "l2-sp", "--lr-grid"], "--lr-grid needs at least one value"),
+    (["compare", "--methods", "lp-ft", "wise-ft", "--fine-tuned", "runs/x"], "--fine-tuned names one LP-FT run"),
 ])
-def test_grid_flags_given_without_usable_values_are_refused(cli, tmp_path, argv, fragment):
+def test_grid_flags_without_usable_values_and_train_only_flags_are_refused_by_compare_and_search(cli, tmp_path, argv, fragment):
     assert_one_error_line(cli(*argv, "--out", tmp_path / "out"), fragment)
     assert not (tmp_path / "out").exists()
 

@@ -345,6 +345,7 @@ def test_a_wider_grid_as_another_study_in_the_folder_trains_only_the_new_points(
     (["--method", "l2-sp", "--alpha-grid", "0.1", "x"], "--alpha-grid: 'x' is not a number"),
     (["--method", "l2", "--alpha-grid", "0.1"], "method 'l2' has no alpha or beta to search"),
     (["--method", "l2-sp", "--alpha-range", "0.001", "0.1", "--leave-when-idle"], "--leave-when-idle is for grids"),
+    (["--method", "wise-ft", "--lr-grid", "0.01", "--fine-tuned", "runs/x"], "--fine-tuned names one LP-FT run"),
     (["--method", "l2-sp", "--alpha-grid", "0.1", "--folds", "7"], "class 'blue' has 6 training images, "
                                                                    "fewer than the 7 folds"),
     (["--method", "l2-sp", "--alpha-grid", "0.1", "--storage", "nonsense"], "cannot open --storage nonsense"),

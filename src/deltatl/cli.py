@@ -369,12 +369,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_only(base: TrainConfig, command: str) -> None:
+    """Refuse the settings that name one run's inputs, which a command training many runs cannot share."""
+    if base.fine_tuned:
+        raise DeltatlError(f"--fine-tuned names one LP-FT run, for `deltatl train`; {command} trains (or reuses) "
+                           f"the LP-FT run of each of its wise-ft runs itself")
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import compare, markdown_table, paired_differences, paired_table, parse_alpha_grid
     from .run import train_run
 
     _given_grids(args)
     base = _config_from(args)
+    _train_only(base, "compare")
     out = base.out or os.path.join("runs", "compare")
     rows = compare(base, args.methods, list(range(args.seeds)), out, parse_alpha_grid(args.alpha_grid or []),
                    train=lambda c: train_run(c, resume=args.resume, progress=not args.quiet))
@@ -394,6 +402,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     _given_grids(args)
     # Every training image takes part in the folds unless a held-out validation split is asked for.
     base = _config_from(args, defaults={"val_per_class": 0})
+    _train_only(base, "search")
     grid = Grid(parse_grid_values("--alpha-grid", args.alpha_grid or []),
                 parse_grid_values("--beta-grid", args.beta_grid or []), parse_grid_values("--lr-grid", args.lr_grid or []))
     out = base.out or os.path.join("runs", f"search_{base.method}")
