@@ -253,3 +253,46 @@ def test_runs_with_rifles_switches_get_their_own_folder_and_share_the_baselines(
     assert settings_tag(TrainConfig(method="delta", rifle=3, rifle_reset_momentum=True)) == \
         "source-bn-running_reduction-sum_rifle-reset-momentum"
     assert settings_tag(TrainConfig(method="l2", rifle_cyclic_lr=True)) == ""  # no RIFLE: the plain l2 run
+
+
+def test_runs_another_process_trains_are_left_to_it_and_read_when_done(tmp_path):
+    """Several processes may run one comparison: a busy run is skipped, the others go on, then it is read."""
+    from deltatl.errors import RunInUse
+
+    busy = {("l2", 0): 2}  # another process holds l2 seed 0 for this process's next two tries
+    order = []
+
+    def trainer(config: TrainConfig) -> dict:
+        key = (config.method, config.seed)
+        order.append(key)
+        if busy.get(key):
+            busy[key] -= 1
+            raise RunInUse(f"another deltatl process is using {config.out}")
+        return {"val_top1": 50.0, "test_top1": 60.0 + config.seed, "seconds": 1.0}
+
+    rows = compare(TrainConfig(), ["l2", "l2-fe"], SEEDS, str(tmp_path / "cmp"), train=trainer, poll_seconds=0.01)
+    # l2 seed 0 was skipped while the other runs went on, then tried again until free
+    assert order == [("l2", 0), ("l2", 1), ("l2-fe", 0), ("l2-fe", 1), ("l2", 0), ("l2", 0)]
+    assert rows[0]["tests"] == [60.0, 61.0] and rows[1]["tests"] == [60.0, 61.0]
+
+
+def test_two_compare_processes_on_one_folder_share_the_runs_and_print_the_same_table(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    data = tmp_path / "data"
+    for label, cls in enumerate(("red", "green", "blue")):
+        for split, count, offset in (("train", 8, 0), ("test", 3, 1000)):
+            for i in range(count):
+                write_png(data / split / cls / f"{i}.png", make_image(label, offset + i, CLASS_COLOURS[cls]))
+    argv = [sys.executable, "-m", "deltatl", "compare", "--data", str(data), *TINY_TRAIN_ARGS, "--epochs", "2",
+            "--methods", "l2", "l2-fe", "--seeds", "3", "--poll", "0.2", "--out", str(tmp_path / "cmp")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    both = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            for _ in range(2)]
+    outputs = [p.communicate(timeout=600) for p in both]
+    assert [p.returncode for p in both] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    assert outputs[0][0] == outputs[1][0]  # the same table
+    for run in (tmp_path / "cmp").glob("*/seed*"):  # each run trained once: two epochs, one row each
+        assert len((run / "metrics.jsonl").read_text().splitlines()) == 2, run

@@ -34,6 +34,17 @@ DEMO_METHODS = ("l2", "delta")
 DEMO_DEFAULTS = {"val_per_class": 20, "test_per_class": 300}
 
 
+def _seconds(text: str) -> float:
+    """argparse type: a number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
 def _at_least_one(text: str) -> int:
     """argparse type: an integer >= 1."""
     try:
@@ -233,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha-grid", nargs="*", default=None,
                    help="choose each method's alpha on the first seed's validation split among these: "
                         "0.001 0.01 (every method) or per method, delta=1e-4,1e-3 l2-sp=1e-3,1e-2")
+    p.add_argument("--poll", type=_seconds, default=10.0,
+                   help="the same command may run in several processes on one --out: each trains the runs no "
+                        "other is training and reads theirs when done, looking again every POLL seconds "
+                        "(default 10)")
     p.add_argument("--config", help="YAML file of shared settings")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--resume", action="store_true", help="continue interrupted runs")
@@ -292,7 +307,7 @@ def _add_search_command(sub: Any) -> None:
     p.add_argument("--leave-when-idle", action="store_true",
                    help="grid mode: exit once nothing is left to start while other workers run the last trials "
                         "(the last of them writes the results) instead of waiting for them")
-    p.add_argument("--poll", type=float, default=10.0,
+    p.add_argument("--poll", type=_seconds, default=10.0,
                    help="seconds between looks for work while other workers run the last trials (default 10)")
     p.add_argument("--config", help="YAML file of shared settings")
     p.add_argument("--quiet", action="store_true")
@@ -385,7 +400,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     _train_only(base, "compare")
     out = base.out or os.path.join("runs", "compare")
     rows = compare(base, args.methods, list(range(args.seeds)), out, parse_alpha_grid(args.alpha_grid or []),
-                   train=lambda c: train_run(c, resume=args.resume, progress=not args.quiet))
+                   train=lambda c: train_run(c, resume=args.resume, progress=not args.quiet), poll_seconds=args.poll)
     print(markdown_table(rows))
     paired = paired_differences({r["method"]: r["tests"] for r in rows})
     if paired and args.seeds > 1:

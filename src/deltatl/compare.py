@@ -14,12 +14,13 @@ import math
 import os
 import re
 import statistics
+import time
 from dataclasses import replace
 from typing import Any, Callable, Sequence
 
 from .config import TrainConfig, parse_grid_values
 from .methods import fine_tuning_of, get_method
-from .errors import DeltatlError
+from .errors import DeltatlError, RunInUse, when_free
 from .outputs import atomic_open, check_output_folder
 
 # What compare writes in its folder: the tables, and a folder per method spec (l2, delta+rifle3...).
@@ -87,12 +88,17 @@ def parse_alpha_grid(items: Sequence[str]) -> dict[str, list[float]]:
 
 def compare(base: TrainConfig, specs: Sequence[str], seeds: Sequence[int], out: str,
             alpha_grid: dict[str, Sequence[float]] | Sequence[float] = (), *,
-            train: Callable[[TrainConfig], dict[str, Any]]) -> list[dict[str, Any]]:
+            train: Callable[[TrainConfig], dict[str, Any]], poll_seconds: float = 10.0) -> list[dict[str, Any]]:
     """Run (or reuse) every (method, seed) and return one aggregated row per method spec.
+
+    Several processes may run the same comparison into one ``out`` and share its runs: a run another
+    process is training (:class:`~deltatl.errors.RunInUse`) is left to it and its result read once it
+    has finished, so each process goes on with the runs nobody has taken.
 
     Args:
         alpha_grid: candidate alphas, for every method or per method (see :func:`parse_alpha_grid`).
         train: runs one config and returns its summary (``deltatl.run.train_run`` with options bound).
+        poll_seconds: how often to look again at runs that other processes train, once no other is left.
     """
     grids = dict(alpha_grid) if isinstance(alpha_grid, dict) else ({"*": list(alpha_grid)} if alpha_grid else {})
     for spec in specs:
@@ -109,22 +115,31 @@ def compare(base: TrainConfig, specs: Sequence[str], seeds: Sequence[int], out: 
             chosen[method] = grid[0]
             continue
         scores = {}
-        for alpha in grid:
-            scores[alpha] = train(_run_config(base, out, method, seeds[0], alpha))["val_top1"]
+        for alpha in grid:  # the choice needs them all: wait for those other processes train
+            config = _run_config(base, out, method, seeds[0], alpha)
+            scores[alpha] = when_free(lambda: train(config), poll_seconds)["val_top1"]
         if any(v is None for v in scores.values()):
             raise DeltatlError("choosing alpha needs a validation split (`val_per_class` > 0)")
         chosen[method] = max(grid, key=lambda a: scores[a])  # max() keeps the first of ties
         selection[method] = {f"{a:g}": s for a, s in scores.items()}
-    rows = []
-    for spec in specs:
-        method, _ = parse_spec(spec)
+
+    def run_config(spec: str, seed: int) -> TrainConfig:
+        method = parse_spec(spec)[0]
         alpha = chosen.get(method)
         # WiSE-FT interpolates an LP-FT run: the comparison's own, when it has one with the same alpha
         fine_tuning = fine_tuning_of(spec)
         reuse = get_method(method).weight_ensemble and fine_tuning in specs and chosen.get(
             parse_spec(fine_tuning)[0]) == alpha
-        summaries = [train(replace(_run_config(base, out, spec, seed, alpha), fine_tuned=_run_config(
-            base, out, fine_tuning, seed, alpha).out if reuse else None)) for seed in seeds]
+        return replace(_run_config(base, out, spec, seed, alpha),
+                       fine_tuned=_run_config(base, out, fine_tuning, seed, alpha).out if reuse else None)
+
+    done = _share_runs([(spec, seed) for spec in specs for seed in seeds],
+                       lambda spec, seed: train(run_config(spec, seed)), poll_seconds)
+    rows = []
+    for spec in specs:
+        method, _ = parse_spec(spec)
+        alpha = chosen.get(method)
+        summaries = [done[spec, seed] for seed in seeds]
         val = [s["val_top1"] for s in summaries if s["val_top1"] is not None]
         test = [s["test_top1"] for s in summaries]
         row = {"method": spec, "alpha": alpha if alpha is not None else replace(base, method=method).resolved_alpha(),
@@ -144,6 +159,25 @@ def compare(base: TrainConfig, specs: Sequence[str], seeds: Sequence[int], out: 
 # The baselines every method is measured against (when they are in the comparison); a +rifleK spec is
 # also measured against its method without RIFLE.
 BASELINES = ("l2", "l2-sp", "l2-fe")
+
+
+def _share_runs(keys: list[tuple[str, int]], run: Callable[[str, int], dict[str, Any]],
+                poll_seconds: float) -> dict[tuple[str, int], dict[str, Any]]:
+    """``run(*key)`` for every key, in order, skipping those another process trains now; then again
+    over the skipped ones (their results are reused once finished), waiting only when none was free."""
+    done: dict[tuple[str, int], dict[str, Any]] = {}
+    pending = keys
+    while pending:
+        busy = []
+        for key in pending:
+            try:
+                done[key] = run(*key)
+            except RunInUse:
+                busy.append(key)
+        if busy and len(busy) == len(pending):  # nothing was free: the others are still training
+            time.sleep(poll_seconds)
+        pending = busy
+    return done
 
 
 def paired_differences(tests: dict[str, list[float]]) -> list[dict[str, Any]]:

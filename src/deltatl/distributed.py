@@ -127,8 +127,9 @@ class DistEnv:
     def on_rank0(self, fn: Callable[[], T]) -> T:
         """Collective: run ``fn`` on rank 0 only and return its result on every process.
 
-        An exception on rank 0 is re-raised there and raised as :class:`DeltatlError` with the same
-        message on the other ranks, so no process is left waiting in a later collective.
+        An exception on rank 0 is re-raised there and raised with the same message on the other ranks
+        (as its own class if a :class:`DeltatlError`, e.g. :class:`~deltatl.errors.RunInUse`, else as a
+        :class:`DeltatlError`), so no process is left waiting in a later collective.
         """
         if not self.enabled:
             return fn()
@@ -141,11 +142,12 @@ class DistEnv:
                 error = exc
         message = str(error) if isinstance(error, DeltatlError) else (
             None if error is None else f"rank 0 failed: {type(error).__name__}: {error}")
-        message, result = self.broadcast_object((message, result if error is None else None))
+        kind = type(error) if isinstance(error, DeltatlError) else DeltatlError
+        message, kind, result = self.broadcast_object((message, kind, result if error is None else None))
         if error is not None:
             raise error
         if message is not None:
-            raise DeltatlError(message)
+            raise kind(message)
         return result
 
     def broadcast_tensors_(self, tensors: list[Tensor]) -> None:

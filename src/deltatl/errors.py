@@ -7,9 +7,12 @@ its own flags at the edge (:func:`on_command_line`), so no library module knows 
 from __future__ import annotations
 
 import re
-from collections.abc import Collection
+import time
+from collections.abc import Callable, Collection
+from typing import TypeVar
 
 SETTING = re.compile(r"`([a-z][a-z0-9_]*)`")
+T = TypeVar("T")
 
 
 class DeltatlError(Exception):
@@ -18,6 +21,21 @@ class DeltatlError(Exception):
     The CLI prints ``deltatl: error: <message>`` and exits with status 2, without a traceback.
     Library callers get an ordinary exception.
     """
+
+
+class RunInUse(DeltatlError):
+    """Another process is training into the run directory now (its lock is held): a command that runs
+    many runs (``compare``, a search's refit) leaves it to that process and comes back for its result."""
+
+
+def when_free(run: Callable[[], T], poll_seconds: float) -> T:
+    """``run()``, retried every ``poll_seconds`` while it raises :class:`RunInUse` (another process
+    trains that run: once it has finished, ``run()`` reuses its result)."""
+    while True:
+        try:
+            return run()
+        except RunInUse:
+            time.sleep(poll_seconds)
 
 
 def on_command_line(message: str, flags: Collection[str]) -> str:

@@ -34,7 +34,7 @@ from .engine.schedule import CYCLIC, step_decay_at
 from .engine.tricks import DisturbLabel, check_stochastic_depth, install_head_regularization, suspended
 from .engine.stochnorm import convert_stochnorm
 from .engine.weight_ensemble import choose_mixing
-from .errors import DeltatlError
+from .errors import DeltatlError, RunInUse
 from .features import layer_preset
 from .methods import fine_tuning_of, get_method
 from .outputs import atomic_open
@@ -125,7 +125,7 @@ def lock_run_dir(run_dir: str) -> Any:
         pass
     except OSError:
         handle.close()
-        raise DeltatlError(f"another deltatl process is using {run_dir}") from None
+        raise RunInUse(f"another deltatl process is using {run_dir}") from None
     return handle
 
 

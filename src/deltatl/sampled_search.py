@@ -26,7 +26,7 @@ from optuna.trial import TrialState
 from .config import TrainConfig
 from .data.folds import stratified_folds, write_folds
 from .data.images import ImageCollection
-from .errors import DeltatlError
+from .errors import DeltatlError, when_free
 from .methods import get_method
 from .outputs import atomic_open, check_output_folder
 from .search import (OWN_FILES, PARAMS, STUDY_FILE, _check_spec, _first_line, fold_config, open_storage,
@@ -119,7 +119,8 @@ def sampled_search(base: TrainConfig, train_split: ImageCollection, ranges: Rang
         raise DeltatlError(f"every trial of study '{study_name}' was pruned or failed: widen the ranges or "
                            f"add trials")
     best = max(complete, key=lambda t: (t.value, -t.number))  # ties: the earlier trial
-    refit = _train_once(refit_config(base, best.params, out), train, poll_seconds)
+    # the refit, trained by one worker: the others wait for its run directory to finish, then reuse it
+    refit = when_free(lambda: train(refit_config(base, best.params, out)), poll_seconds)
     results = _results(base, ranges, folds, study, best, refit, out)
     results["storage"] = stored_where(storage)
     results["figures"] = write_figures(study, out, len(ranges.names()))
@@ -155,18 +156,6 @@ def write_figures(study: optuna.Study, out: str, parameters: int) -> list[str]:
             matplotlib.pyplot.close(figure)
             written.append(name)
     return written
-
-
-def _train_once(config: TrainConfig, train: Callable[[TrainConfig], dict[str, Any]],
-                poll_seconds: float) -> dict[str, Any]:
-    """The refit, trained by one worker: the others wait for its run directory to finish, then reuse it."""
-    while True:
-        try:
-            return train(config)
-        except DeltatlError as exc:
-            if "another deltatl process is using" not in str(exc):
-                raise
-            time.sleep(poll_seconds)
 
 
 def _spec(base: TrainConfig, ranges: Ranges, folds: int, trials: int, train_split: ImageCollection,
