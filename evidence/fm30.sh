@@ -11,8 +11,8 @@
 #                                   the relative term, an alternative to the default, comes last)
 #
 # Two processes share the machine's cores (OMP_NUM_THREADS=1 each): search stages run two workers
-# on one study; compare stages split their methods over two processes, then one more compare call
-# (every run reused) writes the complete table.
+# on one study (or a queue of studies); compare stages run the same comparison twice on one folder,
+# each process training the runs the other is not (both write the same table).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DELTATL=${DELTATL:-.venv/bin/deltatl}
@@ -50,17 +50,15 @@ chosen() {  # the alpha a finished search chose
   python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["chosen"]["alpha"])' "$1/search.json"
 }
 
-# compare OUT "methods of process 1" "methods of process 2" [flags...]
+# compare OUT "methods" [flags...]: two processes share the comparison's runs; one prints the table
 compare() {
-  local out=$1 first=$2 second=$3; shift 3
-  # shellcheck disable=SC2086  (word splitting of the method lists is intended)
-  "$DELTATL" compare --methods $first --seeds "$SEEDS" "${COMMON[@]}" "$@" --out "$out" >/dev/null &
+  local out=$1 methods=$2; shift 2
+  # shellcheck disable=SC2086  (word splitting of the method list is intended)
+  "$DELTATL" compare --methods $methods --seeds "$SEEDS" "${COMMON[@]}" "$@" --out "$out" >/dev/null &
   local other=$!
   # shellcheck disable=SC2086
-  "$DELTATL" compare --methods $second --seeds "$SEEDS" "${COMMON[@]}" "$@" --out "$out" >/dev/null
+  "$DELTATL" compare --methods $methods --seeds "$SEEDS" "${COMMON[@]}" "$@" --out "$out"
   wait "$other"
-  # shellcheck disable=SC2086
-  "$DELTATL" compare --methods $first $second --seeds "$SEEDS" "${COMMON[@]}" "$@" --out "$out"
 }
 
 stage_search-l2-sp() {  # alpha by 5-fold CV
@@ -73,7 +71,7 @@ stage_search-delta() {  # alpha by 5-fold CV, deltatl's defaults (DELTA: the aut
 }
 
 stage_compare() {
-  compare "$OUT/compare" "l2 l2-fe l2-sp" "delta-noatt delta" \
+  compare "$OUT/compare" "l2 l2-fe l2-sp delta-noatt delta" \
     --alpha-grid "l2-sp=$(chosen $OUT/search/l2-sp)" "delta-noatt=$(chosen $OUT/search/delta-noatt)" \
     "delta=$(chosen $OUT/search/delta)"
 }
@@ -86,14 +84,14 @@ relative_searches() {
 stage_relative() {  # the alternative DELTA term (relative, source on batch statistics): its own CV, same baselines
   two_workers relative_searches
   cat "$OUT"/search/{delta-noatt,delta}-relative/search.md
-  compare "$OUT/compare" "l2 l2-fe l2-sp" "delta-noatt delta" "${RELATIVE[@]}" \
+  compare "$OUT/compare" "l2 l2-fe l2-sp delta-noatt delta" "${RELATIVE[@]}" \
     --alpha-grid "l2-sp=$(chosen $OUT/search/l2-sp)" "delta-noatt=$(chosen $OUT/search/delta-noatt-relative)" \
     "delta=$(chosen $OUT/search/delta-relative)"
 }
 
 stage_rifle() {  # RIFLE on its authors' recipe: 40 epochs, cosine learning rate, K = 1 and 3
   # DELTA at its default alpha for this model (deltatl.config.default_alpha), L2-SP at its CV alpha
-  compare "$OUT/rifle" "l2 l2+rifle1 l2+rifle3 l2-sp" "l2-sp+rifle3 delta delta+rifle3" --schedule cosine \
+  compare "$OUT/rifle" "l2 l2+rifle1 l2+rifle3 l2-sp l2-sp+rifle3 delta delta+rifle3" --schedule cosine \
     --alpha-grid "l2-sp=$(chosen $OUT/search/l2-sp)"
 }
 
@@ -111,12 +109,10 @@ stage_beyond() {  # the methods beyond the papers (issue: BSS, LwF, Co-Tuning, S
   # each weight by 5-fold CV around its authors' default, then one table with the papers' methods
   two_workers beyond_searches
   cat "$OUT"/search/{bss,lwf,co-tuning}/search.md
-  # two processes of about equal work (wise-ft interpolates lp-ft's runs, wise-ft+delta lp-ft+delta's;
-  # stochnorm costs 1.4 l2 steps, the methods with the source network 1.2); delta's runs are stage
-  # compare's; the compositions with delta take its alpha, bss joins at its authors' weight
+  # wise-ft interpolates lp-ft's runs, wise-ft+delta lp-ft+delta's; delta's runs are stage compare's;
+  # the compositions with delta take its alpha, bss joins at its authors' weight
   local delta; delta=$(chosen $OUT/search/delta)
-  compare "$OUT/compare" "l2 l2-fe lp-ft wise-ft stochnorm lp-ft+delta wise-ft+delta" \
-    "bss lwf co-tuning delta delta+bss" \
+  compare "$OUT/compare" "l2 l2-fe lp-ft wise-ft stochnorm lp-ft+delta wise-ft+delta bss lwf co-tuning delta delta+bss" \
     --alpha-grid "bss=$(chosen $OUT/search/bss)" "lwf=$(chosen $OUT/search/lwf)" \
     "co-tuning=$(chosen $OUT/search/co-tuning)" "delta=$delta" "delta+bss=$delta" "lp-ft+delta=$delta" \
     "wise-ft+delta=$delta"
