@@ -224,6 +224,18 @@ def test_every_method_is_paired_by_seed_with_each_baseline_and_a_rifle_spec_with
     assert "| delta | l2 | 3 | +2.00 | 1.00 | [-0.48, +4.48] |" in (tmp_path / "cmp" / "results.md").read_text()
 
 
+def test_a_composition_is_measured_against_its_parts_and_wise_ft_against_its_lp_ft():
+    from deltatl.compare import references
+
+    specs = ["l2", "l2-fe", "lp-ft", "wise-ft", "lp-ft+delta", "wise-ft+delta", "bss", "delta", "delta+bss",
+             "delta+rifle3"]
+    assert references("delta+bss", specs) == ["l2", "l2-fe", "delta", "bss"]
+    assert references("wise-ft", specs) == ["l2", "l2-fe", "lp-ft"]
+    assert references("wise-ft+delta", specs) == ["l2", "l2-fe", "wise-ft", "delta", "lp-ft+delta"]
+    assert references("delta+rifle3", specs) == ["l2", "l2-fe", "delta"]
+    assert references("l2", specs) == ["l2-fe"] and references("bss", ["bss"]) == []
+
+
 def test_delta_runs_of_other_settings_share_the_folder_and_its_baselines_with_their_own_results(tmp_path):
     trainer = FakeTrainer(val=lambda c: 70.0)
     other = TrainConfig(delta_source_bn="batch", delta_reduction="relative")

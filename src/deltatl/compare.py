@@ -16,7 +16,7 @@ import re
 import statistics
 import time
 from dataclasses import replace
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 from .config import TrainConfig, parse_grid_values
 from .methods import fine_tuning_of, get_method
@@ -156,9 +156,23 @@ def compare(base: TrainConfig, specs: Sequence[str], seeds: Sequence[int], out: 
     return rows
 
 
-# The baselines every method is measured against (when they are in the comparison); a +rifleK spec is
-# also measured against its method without RIFLE.
+# The baselines every method is measured against (when they are in the comparison); see references().
 BASELINES = ("l2", "l2-sp", "l2-fe")
+
+
+def references(spec: str, specs: Collection[str]) -> list[str]:
+    """What ``spec`` is measured against, of ``specs``: each baseline, and what it adds to: a +rifleK
+    spec its method without RIFLE, a composition each of its parts (``delta+bss``: ``delta``, ``bss``),
+    WiSE-FT the LP-FT run it interpolates (``wise-ft``: ``lp-ft``)."""
+    method, rifle = parse_spec(spec)
+    parts = method.split("+")
+    adds_to = ([method] if rifle else []) + (parts if len(parts) > 1 else []) + (
+        [fine_tuning_of(method)] if get_method(method).weight_ensemble else [])
+    found = [b for b in BASELINES if b in specs and b != spec]
+    for other in adds_to:
+        if other in specs and other != spec and other not in found:
+            found.append(other)
+    return found
 
 
 def _share_runs(keys: list[tuple[str, int]], run: Callable[[str, int], dict[str, Any]],
@@ -181,7 +195,7 @@ def _share_runs(keys: list[tuple[str, int]], run: Callable[[str, int], dict[str,
 
 
 def paired_differences(tests: dict[str, list[float]]) -> list[dict[str, Any]]:
-    r"""Test top-1 of each spec minus that of each baseline, paired by seed (same images).
+    r"""Test top-1 of each spec minus that of each of its :func:`references`, paired by seed (same images).
 
     For the n per-seed differences :math:`d_i`: their mean, sample std and the 95 % confidence
     interval of the mean, :math:`\bar d \pm t_{0.975,\,n-1}\, s_d / \sqrt{n}` (Student's t).
@@ -190,11 +204,7 @@ def paired_differences(tests: dict[str, list[float]]) -> list[dict[str, Any]]:
 
     rows = []
     for spec, values in tests.items():
-        method, rifle = parse_spec(spec)
-        references = [b for b in BASELINES if b in tests and b != spec]
-        if rifle and method in tests and method not in references:  # l2+rifle1 - l2 once, not twice
-            references.append(method)
-        for reference in references:
+        for reference in references(spec, tests):
             diffs = [a - b for a, b in zip(values, tests[reference])]
             n = len(diffs)
             mean, std = _mean_std(diffs)
