@@ -138,7 +138,7 @@ def _method_options(parser: argparse.ArgumentParser, d: TrainConfig) -> None:
              "or through autograd (--no-l2sp-fused); the same step up to rounding, the fused one with less memory")
     add("--fine-tuned", metavar="RUN", help="wise-ft: the LP-FT run (same settings, method lp-ft) to interpolate, "
                                             "trained there unless finished (default: the run's fine_tuned folder)")
-    add("--rifle", type=int, help="RIFLE: re-initialise the head K times, evenly spaced (default 0; on the embedded "
+    add("--rifle", type=int, metavar="K", help="RIFLE: re-initialise the head K times, evenly spaced (default 0; on the embedded "
                                   "default it helped l2 and l2-sp and hurt delta: README, RIFLE)")
     add("--rifle-reset-momentum", action="store_true", help="RIFLE: also clear the head's momentum")
     add("--rifle-cyclic-lr", action="store_true", help="RIFLE: restarting cosine learning rate for the head")
