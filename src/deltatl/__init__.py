@@ -1,4 +1,4 @@
-"""deltatl: regularized transfer learning of pretrained CNNs (DELTA, L2-SP, L2-FE, RIFLE, and six methods beyond the papers).
+"""deltatl: regularized transfer learning of pretrained CNNs (DELTA, L2-SP, L2-FE, RIFLE, and more).
 
 The public names are imported on first use (PEP 562), so that ``import deltatl`` and the command
 line start without loading PyTorch until they need it, and a Ctrl-C during start-up is handled by

@@ -138,8 +138,9 @@ def _method_options(parser: argparse.ArgumentParser, d: TrainConfig) -> None:
              "or through autograd (--no-l2sp-fused); the same step up to rounding, the fused one with less memory")
     add("--fine-tuned", metavar="RUN", help="wise-ft: the LP-FT run (same settings, method lp-ft) to interpolate, "
                                             "trained there unless finished (default: the run's fine_tuned folder)")
-    add("--rifle", type=int, metavar="K", help="RIFLE: re-initialise the head K times, evenly spaced (default 0; on the embedded "
-                                  "default it helped l2 and l2-sp and hurt delta: README, RIFLE)")
+    add("--rifle", type=int, metavar="K",
+        help="RIFLE: re-initialise the head K times, evenly spaced (default 0; on the embedded default it helped "
+             "l2 and l2-sp and hurt delta: README, RIFLE)")
     add("--rifle-reset-momentum", action="store_true", help="RIFLE: also clear the head's momentum")
     add("--rifle-cyclic-lr", action="store_true", help="RIFLE: restarting cosine learning rate for the head")
     add = _group(parser, "tricks RIFLE was compared with (any method; default off)")
@@ -161,7 +162,8 @@ def _method_options(parser: argparse.ArgumentParser, d: TrainConfig) -> None:
     add("--no-attention-bn-train", dest="attention_bn_train", action="store_false",
         help="freeze BatchNorm statistics during the L2-FE fit (the official code let them adapt)")
     add("--attention-temperature", type=float, help=f"softmax temperature (default {d.attention_temperature})")
-    add("--attention-cache", help="folder of cached raw scores (default ~/.cache/deltatl/attention; $DELTATL_CACHE/attention when set)")
+    add("--attention-cache", help="folder of cached raw scores (default ~/.cache/deltatl/attention; "
+                                  "$DELTATL_CACHE/attention when set)")
 
 
 def _optimisation_options(parser: argparse.ArgumentParser, d: TrainConfig) -> None:
@@ -401,7 +403,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     _train_only(base, "compare")
     out = base.out or os.path.join("runs", "compare")
     rows = compare(base, args.methods, list(range(args.seeds)), out, parse_alpha_grid(args.alpha_grid or []),
-                   train=lambda c: train_run(c, resume=args.resume, progress=not args.quiet), poll_seconds=args.poll)
+                   train=lambda c: train_run(c, resume=args.resume, progress=not args.quiet),
+                   poll_seconds=args.poll)
     print(markdown_table(rows))
     paired = paired_differences({r["method"]: r["tests"] for r in rows})
     if paired and args.seeds > 1:
