@@ -110,10 +110,11 @@ stage_beyond() {  # the methods beyond the papers (issue: BSS, LwF, Co-Tuning, S
   two_workers beyond_searches
   cat "$OUT"/search/{bss,lwf,co-tuning}/search.md
   # wise-ft interpolates lp-ft's runs, wise-ft+delta lp-ft+delta's; delta's runs are stage compare's;
-  # the compositions with delta take its alpha, bss joins at its authors' weight
+  # the compositions with delta take its alpha, bss joins at its authors' weight; the table is
+  # results-beyond.md (results.md stays stage compare's)
   local delta; delta=$(chosen $OUT/search/delta)
   compare "$OUT/compare" "l2 l2-fe lp-ft wise-ft stochnorm lp-ft+delta wise-ft+delta bss lwf co-tuning delta delta+bss" \
-    --alpha-grid "bss=$(chosen $OUT/search/bss)" "lwf=$(chosen $OUT/search/lwf)" \
+    --table beyond --alpha-grid "bss=$(chosen $OUT/search/bss)" "lwf=$(chosen $OUT/search/lwf)" \
     "co-tuning=$(chosen $OUT/search/co-tuning)" "delta=$delta" "delta+bss=$delta" "lp-ft+delta=$delta" \
     "wise-ft+delta=$delta"
 }

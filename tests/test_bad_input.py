@@ -361,8 +361,10 @@ def test_grid_flags_without_usable_values_and_train_only_flags_are_refused_by_co
 
 
 @pytest.mark.parametrize("argv", [["compare", "--seeds", "0"], ["predict", "--top-k", "0", "x.png"],
-                                  ["compare", "--poll", "0"], ["search", "--poll", "-1"], ["search", "--poll", "nan"]])
-def test_counts_below_one_and_waits_that_are_no_time_are_refused_by_the_parser(cli, argv):
+                                  ["compare", "--poll", "0"], ["search", "--poll", "-1"], ["search", "--poll", "nan"],
+                                  ["compare", "--table", "../x"], ["compare", "--table", ""]])
+def test_counts_below_one_waits_that_are_no_time_and_table_names_that_are_no_file_name_are_refused_by_the_parser(
+        cli, argv):
     with pytest.raises(SystemExit) as exit_info:
         cli(*argv)
     assert exit_info.value.code == 2

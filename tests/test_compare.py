@@ -203,6 +203,21 @@ def test_rerunning_compare_reuses_every_run_and_prints_the_same_table(compared, 
     assert again.out.startswith(files["results.md"].decode().split("\n\n")[0] + "\n")
 
 
+def test_a_named_table_of_other_methods_reuses_the_runs_and_keeps_the_first_table(compared, cli, monkeypatch):
+    out = compared["out"]
+    first = (out / "results.md").read_bytes()
+    monkeypatch.setattr(deltatl.run, "fit", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    argv = list(compared["argv"])
+    methods = argv.index("--methods")
+    argv[methods + 1:methods + 1 + len(SPECS)] = ["l2"]
+    result = cli(*argv, "--table", "only-l2")
+    assert result.code == 0, result.err
+    assert (out / "results.md").read_bytes() == first
+    table = (out / "results-only-l2.md").read_text()
+    assert "| l2 |" in table and "delta" not in table and (out / "results-only-l2.csv").exists()
+    assert "results-only-l2.md" in result.out
+
+
 def test_every_method_is_paired_by_seed_with_each_baseline_and_a_rifle_spec_with_its_method(tmp_path):
     noise = {0: 0.0, 1: 1.0, 2: -1.0}
     test = {"l2": lambda c: 50.0 + c.seed, "l2-sp": lambda c: 51.0 + c.seed,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable
@@ -43,6 +44,13 @@ def _seconds(text: str) -> float:
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
     return value
+
+
+def _table_name(text: str) -> str:
+    """argparse type: a name that can end a file name (letters, digits, '-', '_')."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", text):
+        raise argparse.ArgumentTypeError(f"use letters, digits, '-' or '_', got {text!r}")
+    return text
 
 
 def _at_least_one(text: str) -> int:
@@ -251,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the same command may run in several processes on one --out: each trains the runs no "
                         "other is training and reads theirs when done, looking again every POLL seconds "
                         "(default 10)")
+    p.add_argument("--table", type=_table_name, default=None,
+                   help="name the table files results-TABLE.md, ... so that comparisons of other methods in the "
+                        "same --out (sharing its runs) keep their own tables (default: results.md, ...)")
     p.add_argument("--config", help="YAML file of shared settings")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--resume", action="store_true", help="continue interrupted runs")
@@ -395,7 +406,8 @@ def _train_only(base: TrainConfig, command: str) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import compare, markdown_table, paired_differences, paired_table, parse_alpha_grid
+    from .compare import (compare, markdown_table, paired_differences, paired_table, parse_alpha_grid,
+                          results_name, results_tag)
     from .run import train_run
 
     _given_grids(args)
@@ -404,12 +416,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     out = base.out or os.path.join("runs", "compare")
     rows = compare(base, args.methods, list(range(args.seeds)), out, parse_alpha_grid(args.alpha_grid or []),
                    train=lambda c: train_run(c, resume=args.resume, progress=not args.quiet),
-                   poll_seconds=args.poll)
+                   poll_seconds=args.poll, table=args.table or "")
     print(markdown_table(rows))
     paired = paired_differences({r["method"]: r["tests"] for r in rows})
     if paired and args.seeds > 1:
         print("\nPaired by seed, test top-1 of the method minus the other:\n" + paired_table(paired))
-    print(f"(results.md, results.csv, paired.csv and every run directory in {out})")
+    tag = results_tag(base, args.table or "")
+    names = ", ".join(results_name(n, tag) for n in ("results.md", "results.csv", "paired.csv"))
+    print(f"({names} and every run directory in {out})")
     return 0
 
 

@@ -88,7 +88,8 @@ def parse_alpha_grid(items: Sequence[str]) -> dict[str, list[float]]:
 
 def compare(base: TrainConfig, specs: Sequence[str], seeds: Sequence[int], out: str,
             alpha_grid: dict[str, Sequence[float]] | Sequence[float] = (), *,
-            train: Callable[[TrainConfig], dict[str, Any]], poll_seconds: float = 10.0) -> list[dict[str, Any]]:
+            train: Callable[[TrainConfig], dict[str, Any]], poll_seconds: float = 10.0,
+            table: str = "") -> list[dict[str, Any]]:
     """Run (or reuse) every (method, seed) and return one aggregated row per method spec.
 
     Several processes may run the same comparison into one ``out`` and share its runs: a run another
@@ -99,6 +100,8 @@ def compare(base: TrainConfig, specs: Sequence[str], seeds: Sequence[int], out: 
         alpha_grid: candidate alphas, for every method or per method (see :func:`parse_alpha_grid`).
         train: runs one config and returns its summary (``deltatl.run.train_run`` with options bound).
         poll_seconds: how often to look again at runs that other processes train, once no other is left.
+        table: names this comparison's table files (``results-<table>.md``...), so that comparisons of
+            other methods sharing ``out`` and its runs keep their own tables.
     """
     grids = dict(alpha_grid) if isinstance(alpha_grid, dict) else ({"*": list(alpha_grid)} if alpha_grid else {})
     for spec in specs:
@@ -149,11 +152,22 @@ def compare(base: TrainConfig, specs: Sequence[str], seeds: Sequence[int], out: 
                "tests": test}  # per seed, in the order of ``seeds``
         rows.append(row)
     paired = paired_differences({r["method"]: r["tests"] for r in rows})
-    default = TrainConfig()
-    tag = settings_tag(replace(base, method="delta")) if (base.delta_source_bn, base.delta_reduction) != (
-        default.delta_source_bn, default.delta_reduction) else ""
-    write_results(out, rows, selection, seeds, paired, tag)
+    write_results(out, rows, selection, seeds, paired, results_tag(base, table))
     return rows
+
+
+def results_tag(base: TrainConfig, table: str = "") -> str:
+    """What the names of a comparison's table files end with: its ``table`` name, then DELTA's term
+    settings when they are not the defaults (so both settings can share one folder and its baseline runs)."""
+    default = TrainConfig()
+    delta = settings_tag(replace(base, method="delta")) if (base.delta_source_bn, base.delta_reduction) != (
+        default.delta_source_bn, default.delta_reduction) else ""
+    return "-".join(t for t in (table, delta) if t)
+
+
+def results_name(name: str, tag: str) -> str:
+    """``results.md`` with ``tag`` -> ``results-<tag>.md``."""
+    return name.replace(".", f"-{tag}.", 1) if tag else name
 
 
 # The baselines every method is measured against (when they are in the comparison); see references().
@@ -234,14 +248,12 @@ def paired_table(rows: Sequence[dict[str, Any]]) -> str:
 
 def write_results(out: str, rows: Sequence[dict[str, Any]], selection: dict[str, Any], seeds: Sequence[int],
                   paired: Sequence[dict[str, Any]] = (), tag: str = "") -> None:
-    """``results.md`` / ``.csv``, ``paired.csv``, ``alpha_selection.json`` in ``out``; with DELTA's term
-    set otherwise than the defaults (``tag``), the names end in ``-<tag>`` so both settings can share
-    one folder and its baseline runs."""
+    """``results.md`` / ``.csv``, ``paired.csv``, ``alpha_selection.json`` in ``out``, their names ending
+    in ``-<tag>`` when there is one (:func:`results_tag`)."""
     os.makedirs(out, exist_ok=True)
-    suffix = f"-{tag}" if tag else ""
 
     def write(name: str, write_to: Callable[[Any], None], newline: str | None = None) -> None:
-        path = os.path.join(out, name.replace(".", f"{suffix}.", 1))
+        path = os.path.join(out, results_name(name, tag))
         with atomic_open(path, "w", newline=newline) as f:
             write_to(f)
 
