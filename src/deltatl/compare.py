@@ -209,23 +209,25 @@ def _share_runs(keys: list[tuple[str, int]], run: Callable[[str, int], dict[str,
 
 
 def paired_differences(tests: dict[str, list[float]]) -> list[dict[str, Any]]:
-    r"""Test top-1 of each spec minus that of each of its :func:`references`, paired by seed (same images).
+    """Test top-1 of each spec minus that of each of its :func:`references`, paired by seed (same images),
+    as :func:`paired_difference` computes it."""
+    return [{"method": spec, "minus": reference, **paired_difference(values, tests[reference])}
+            for spec, values in tests.items() for reference in references(spec, tests)]
+
+
+def paired_difference(values: Sequence[float], others: Sequence[float]) -> dict[str, Any]:
+    r"""``values`` minus ``others``, paired by position (seed).
 
     For the n per-seed differences :math:`d_i`: their mean, sample std and the 95 % confidence
     interval of the mean, :math:`\bar d \pm t_{0.975,\,n-1}\, s_d / \sqrt{n}` (Student's t).
     """
     from scipy.stats import t as student
 
-    rows = []
-    for spec, values in tests.items():
-        for reference in references(spec, tests):
-            diffs = [a - b for a, b in zip(values, tests[reference])]
-            n = len(diffs)
-            mean, std = _mean_std(diffs)
-            half = student.ppf(0.975, n - 1) * std / math.sqrt(n) if n > 1 else math.nan
-            rows.append({"method": spec, "minus": reference, "runs": n, "diff_mean": mean, "diff_std": std,
-                         "ci_low": mean - half, "ci_high": mean + half})
-    return rows
+    diffs = [a - b for a, b in zip(values, others, strict=True)]
+    n = len(diffs)
+    mean, std = _mean_std(diffs)
+    half = student.ppf(0.975, n - 1) * std / math.sqrt(n) if n > 1 else math.nan
+    return {"runs": n, "diff_mean": mean, "diff_std": std, "ci_low": mean - half, "ci_high": mean + half}
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
