@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from deltatl.compare import paired_differences
+from deltatl.compare import paired_difference
 
 ROOT = Path(__file__).parent / "fm30" / "rifle"
 
@@ -44,8 +44,7 @@ def main() -> None:
         seeds = sorted(set(tests) & set(runs[base]))
         if not seeds:
             continue
-        row = next(r for r in paired_differences({spec: [tests[s] for s in seeds],
-                                                  base: [runs[base][s] for s in seeds]}) if r["minus"] == base)
+        row = paired_difference([tests[s] for s in seeds], [runs[base][s] for s in seeds])
         spread = (f"{row['diff_std']:.2f} | [{row['ci_low']:+.2f}, {row['ci_high']:+.2f}]" if len(seeds) > 1
                   else "- | -")
         print(f"| {spec} - {base} | {', '.join(map(str, seeds))} | {row['diff_mean']:+.2f} | {spread} |")

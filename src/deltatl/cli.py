@@ -414,14 +414,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     base = _config_from(args)
     _train_only(base, "compare")
     out = base.out or os.path.join("runs", "compare")
+    table = args.table or ""  # None when not given: argparse would run a "" default through _table_name
     rows = compare(base, args.methods, list(range(args.seeds)), out, parse_alpha_grid(args.alpha_grid or []),
                    train=lambda c: train_run(c, resume=args.resume, progress=not args.quiet),
-                   poll_seconds=args.poll, table=args.table or "")
+                   poll_seconds=args.poll, table=table)
     print(markdown_table(rows))
     paired = paired_differences({r["method"]: r["tests"] for r in rows})
     if paired and args.seeds > 1:
         print("\nPaired by seed, test top-1 of the method minus the other:\n" + paired_table(paired))
-    tag = results_tag(base, args.table or "")
+    tag = results_tag(base, table)
     names = ", ".join(results_name(n, tag) for n in ("results.md", "results.csv", "paired.csv"))
     print(f"({names} and every run directory in {out})")
     return 0
